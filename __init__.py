@@ -1,0 +1,3 @@
+"""tirforge: tool-integrated mathematical reasoning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Model backends: transformers (default), and later vLLM and OpenAI-compatible servers."""

@@ -1,0 +1,55 @@
+"""What every model backend provides: continue a batch of partial chats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one continuation."""
+
+    max_new_tokens: int = 512
+    """Upper bound on tokens generated in one turn."""
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    seed: int | None = None
+    """Seed for sampling; fixed seed + same backend gives the same text."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Request:
+    """A partial chat to continue: ``messages`` rendered by the chat template, then ``prefix``.
+
+    ``prefix`` is the assistant's text so far (earlier turns, code outputs, feedback); the model
+    continues it verbatim, which is how the Qwen2.5-Math TIR format runs multi-turn.
+    """
+
+    messages: list[dict]
+    prefix: str = ""
+    stop: Callable[[str], bool] | None = None
+    """Called on the text generated so far; True ends the turn (e.g. a code block closed)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A model that continues partial chats."""
+
+    name: str
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]: ...

@@ -1,0 +1,110 @@
+"""transformers backend: batched generation on CPU or GPU, stopping as soon as a turn ends."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers.utils import logging as hf_logging
+
+from tirforge.agent.backends.base import Completion, Request, SamplingParams
+
+
+class _StopWhen(StoppingCriteria):
+    """Per-row stop check on the decoded continuation (e.g. "a ```python block has closed").
+
+    Decoding costs little next to a forward pass, but we only decode rows whose newest tokens
+    contain a backtick, since every stop condition we use ends in a code fence.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, requests: list[Request]):
+        self.tok, self.prompt_len, self.requests = tokenizer, prompt_len, requests
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, req in enumerate(self.requests):
+            if req.stop is None:
+                continue
+            tail = self.tok.decode(input_ids[i, -4:], skip_special_tokens=True)
+            if "`" in tail:
+                text = self.tok.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
+                done[i] = req.stop(text)
+        return done
+
+
+class TransformersBackend:
+    """Continue partial chats with a local transformers causal LM."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: str, *, device: str | None = None, dtype: str = "auto"):
+        t0 = time.perf_counter()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            # bf16 matmuls are slow on most CPUs; fp32 for a 135M model costs only ~0.5 GB.
+            torch_dtype = torch.bfloat16 if self.device != "cpu" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # A local safetensors load takes ~1 s; its per-tensor progress bar is only noise.
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        finally:
+            hf_logging.enable_progress_bar()
+        self.model.to(self.device).eval()
+        self.model_path = model_path
+        self.load_s = time.perf_counter() - t0
+
+    def render(self, req: Request) -> str:
+        """Chat template + generation prompt + the assistant's text so far."""
+        head = self.tokenizer.apply_chat_template(
+            req.messages, add_generation_prompt=True, tokenize=False
+        )
+        return head + req.prefix
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        prompts = [self.render(r) for r in requests]
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sample = params.temperature > 0
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=None,
+            stopping_criteria=[_StopWhen(self.tokenizer, prompt_len, requests)],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        eos_ids = self.model.generation_config.eos_token_id
+        eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+        eos_ids.add(self.tokenizer.eos_token_id)
+        completions = []
+        for i, req in enumerate(requests):
+            new = out[i, prompt_len:].tolist()
+            # Trim padding after an early-finished row; remember whether it ended on EOS.
+            n, hit_eos = len(new), False
+            for j, t in enumerate(new):
+                if t in eos_ids:
+                    n, hit_eos = j, True
+                    break
+            text = self.tokenizer.decode(new[:n], skip_special_tokens=True)
+            if req.stop is not None and req.stop(text):
+                reason = "stop"
+            elif hit_eos:
+                reason = "eos"
+            else:
+                reason = "length"
+            completions.append(Completion(text=text, finish_reason=reason, n_tokens=n))
+        return completions

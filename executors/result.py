@@ -1,0 +1,76 @@
+"""What running one cell returned, and how the model sees it."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_TRACEBACK_TAIL_LINES = 5
+
+
+def strip_ansi(s: str) -> str:
+    """Remove terminal colour codes (IPython colours its tracebacks)."""
+    return _ANSI.sub("", s)
+
+
+def truncate(s: str, max_chars: int) -> str:
+    """Keep the head and tail of a long text, with a marker saying how much was cut."""
+    if len(s) <= max_chars:
+        return s
+    # The marker's own length depends on the count; a generous estimate keeps us under max_chars.
+    keep = max(max_chars - len(f"\n...[truncated {len(s)} chars]...\n"), 0)
+    head, tail = s[: keep - keep // 2], s[len(s) - keep // 2 :]
+    return f"{head}\n...[truncated {len(s) - keep} chars]...\n{tail}"
+
+
+class ExecutionResult(BaseModel):
+    """The outcome of one cell in a kernel."""
+
+    stdout: str = ""
+    """Everything the cell wrote to stdout (print), in order."""
+    stderr: str = ""
+    """Everything the cell wrote to stderr (warnings, logging)."""
+    result: str | None = None
+    """text/plain repr of the cell's value (its last expression), as Jupyter's Out[n]."""
+    display_text: list[str] = []
+    """text/plain of each display_data message (display(x), a figure's repr), in order."""
+    error_name: str | None = None
+    """Exception class name, e.g. "NameError"; "KernelDied" if the kernel process died."""
+    error_value: str | None = None
+    """The exception's message, e.g. "name 'x' is not defined"."""
+    traceback: str | None = None
+    """The full traceback, lines joined with newlines, ANSI colour codes stripped."""
+    timed_out: bool = False
+    """The cell ran past its timeout and was interrupted."""
+    timeout_s: float | None = None
+    """The time limit the cell ran under (seconds)."""
+    restarted: bool = False
+    """The kernel was restarted while running this cell: every variable was lost."""
+    duration_s: float = 0.0
+    """Wall-clock seconds from sending the cell to having its outcome."""
+
+    @property
+    def ok(self) -> bool:
+        """The cell finished in time without raising."""
+        return self.error_name is None and not self.timed_out
+
+    def to_text(self, max_chars: int = 2000) -> str:
+        """The text placed in the ```output block: what a person would see under the cell."""
+        parts = [p for p in (self.stdout, self.stderr) if p]
+        parts += self.display_text
+        if self.result is not None:
+            parts.append(self.result)
+        if self.error_name is not None and self.traceback:
+            # The tail holds the failing line and "Name: value", which is what the model needs.
+            lines = self.traceback.strip().splitlines()
+            parts.append("\n".join(lines[-_TRACEBACK_TAIL_LINES:]))
+        elif self.error_name is not None:
+            parts.append(f"{self.error_name}: {self.error_value or ''}".rstrip(": "))
+        if self.timed_out:
+            limit = f" {self.timeout_s:g}s" if self.timeout_s is not None else " its time limit"
+            parts.append(f"TimeoutError: cell exceeded{limit} and was interrupted")
+        if self.restarted:
+            parts.append("The kernel was restarted; all variables were lost.")
+        return truncate("\n".join(p.rstrip("\n") for p in parts), max_chars)

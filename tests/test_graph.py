@@ -1,0 +1,143 @@
+"""The solve loop on the deterministic replay backend with a real Jupyter kernel."""
+
+import pytest
+
+from tirforge.agent import format as fmt
+from tirforge.agent.backends.replay import ReplayBackend, ReplayExhausted
+from tirforge.agent.graph import AgentConfig, solve
+from tirforge.executors import LocalKernelExecutor
+from tirforge.trajectories.schema import Trajectory, append_jsonl, read_jsonl
+
+CODE = "Let me compute.\n```python\nx = sum(i**2 for i in range(1, 21))\nprint(x)\n```"
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    with LocalKernelExecutor(timeout=10) as k:
+        yield k
+
+
+def run(turns, kernel, **cfg):
+    backend = ReplayBackend(turns)
+    traj = solve("Sum of squares of 1..20?", backend, kernel, AgentConfig(**cfg), reference="2870")
+    return traj, backend
+
+
+def test_code_runs_then_answer(kernel):
+    traj, backend = run([CODE, "The sum is \\boxed{2870}."], kernel)
+    assert traj.stop_reason == "answer"
+    assert traj.final_answer == "2870"
+    assert traj.verdict == "correct"
+    assert traj.steps[0].code.strip().startswith("x = sum")
+    assert traj.steps[0].execution.stdout.strip() == "2870"
+    assert traj.steps[0].output.strip() == "2870"
+    # The second turn saw the real kernel output spliced into its prefix.
+    assert "```output\n2870\n```" in backend.calls[1].prefix
+
+
+def test_state_persists_across_turns(kernel):
+    second = "Now reuse it.\n```python\nprint(x + 1)\n```"
+    traj, _ = run([CODE, second, "\\boxed{2871}"], kernel)
+    assert traj.steps[1].output.strip() == "2871"
+    assert traj.verdict == "incorrect"
+
+
+def test_model_never_writes_its_own_output(kernel):
+    invented = CODE + "\n```output\n9999\n```\nSo \\boxed{9999}."
+    traj, backend = run([invented, "\\boxed{2870}"], kernel)
+    assert traj.steps[0].text.endswith("```")  # cut right after the closing fence
+    assert "9999" not in traj.steps[0].text
+    assert traj.steps[0].output.strip() == "2870"
+    assert traj.final_answer == "2870"
+
+
+def test_error_triggers_reflect(kernel):
+    bad = "```python\nprint(undefined_name)\n```"
+    good = "Fixed.\n```python\nprint(6*7)\n```"
+    traj, backend = run([bad, good, "\\boxed{42}"], kernel)
+    first = traj.steps[0]
+    assert first.execution.error_name == "NameError"
+    assert "NameError" in first.output
+    assert first.feedback.strip() == fmt.REFLECT_ERROR
+    assert fmt.REFLECT_ERROR in backend.calls[1].prefix
+    assert traj.steps[1].feedback is None
+    assert traj.final_answer == "42"
+
+
+def test_boxed_answer_ends_without_running_code(kernel):
+    traj, backend = run(["It is \\boxed{2870}.", "never used"], kernel)
+    assert len(traj.steps) == 1 and traj.code_cells == []
+    assert len(backend.turns) == 1  # the second turn was never requested
+
+
+def test_turn_budget_ends(kernel):
+    loop = "```python\nprint(1)\n```"
+    traj, backend = run([loop] * 10, kernel, max_turns=3)
+    assert len(traj.steps) == 3
+    assert traj.stop_reason == "max_turns"
+    assert traj.final_answer is None and traj.verdict == "no_answer"
+    assert all(s.execution is not None for s in traj.steps)
+
+
+def test_unclosed_fence_is_not_run(kernel):
+    unclosed = "```python\nprint('never runs')\n"
+    traj, backend = run([unclosed, "```python\nprint(5)\n```", "\\boxed{5}"], kernel)
+    first = traj.steps[0]
+    assert first.code is None and first.execution is None
+    assert "not closed" in first.feedback
+    assert traj.steps[1].output.strip() == "5"
+    assert traj.final_answer == "5"
+
+
+def test_unclosed_fence_at_budget(kernel):
+    traj, _ = run(["```python\nprint(1)\n"], kernel, max_turns=1)
+    assert traj.stop_reason == "unclosed_code"
+    assert traj.final_answer is None
+
+
+def test_no_answer_gets_one_nudge(kernel):
+    traj, backend = run(["I think it is large.", "2870}"], kernel)
+    assert traj.steps[0].feedback == fmt.REFLECT_NO_ANSWER
+    assert backend.calls[1].prefix.endswith("\\boxed{")
+    assert traj.final_answer == "2870" and traj.verdict == "correct"
+
+
+def test_no_answer_without_nudge(kernel):
+    traj, _ = run(["I think it is large."], kernel, nudge_for_answer=False)
+    assert traj.stop_reason == "no_answer" and traj.verdict == "no_answer"
+
+
+def test_replay_exhausted_is_an_error(kernel):
+    with pytest.raises(ReplayExhausted):
+        run(["```python\nprint(1)\n```"], kernel)
+
+
+def test_trajectory_roundtrip_and_replay(kernel, tmp_path):
+    traj, _ = run([CODE, "\\boxed{2870}"], kernel)
+    path = tmp_path / "t.jsonl"
+    append_jsonl(path, traj)
+    append_jsonl(path, [traj])
+    back = read_jsonl(path)
+    assert len(back) == 2 and back[0] == traj
+    # Replaying a recorded trajectory re-runs its code in a kernel and reproduces it.
+    again = solve(traj.problem, ReplayBackend.from_trajectory(back[0]), kernel,
+                  reference=traj.reference)
+    assert [s.output for s in again.steps] == [s.output for s in traj.steps]
+
+
+def test_torn_line_is_reported(tmp_path):
+    path = tmp_path / "t.jsonl"
+    append_jsonl(path, Trajectory(problem="p"))
+    with path.open("a") as f:
+        f.write('{"problem": "torn')
+    with pytest.raises(ValueError, match=":2:"):
+        read_jsonl(path)
+
+
+def test_parse_code_block_variants():
+    assert fmt.find_code_block("```python\nx=1\n```")[0] == "x=1"
+    assert fmt.find_code_block("```py\nx=1\n```\nmore")[0] == "x=1"
+    assert fmt.find_code_block("```\nnot python\n```") is None
+    assert fmt.find_code_block("```python\nx = '```'\n") is None  # fence inside a string
+    assert fmt.has_open_code_block("text ```python\nx=1")
+    assert not fmt.has_open_code_block("```python\nx=1\n```")

@@ -1,0 +1,1 @@
+"""tirforge.trajectories"""
