@@ -60,6 +60,13 @@ def solve(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
+    executor: Annotated[
+        str, typer.Option(help="Where code runs: local (bubblewrap sandbox) or docker.")
+    ] = "local",
+    sandbox: Annotated[
+        str, typer.Option(help="Local isolation: auto, bwrap or none.")
+    ] = "auto",
+    memory_mb: Annotated[int, typer.Option(help="Memory cap of the kernel (MiB).")] = 2048,
     out: Annotated[
         Path | None, typer.Option(help="Append the trajectory to this JSONL file.")
     ] = None,
@@ -72,7 +79,7 @@ def solve(
     from tirforge.agent.backends.hf import TransformersBackend
     from tirforge.agent.graph import AgentConfig, solve_stream
     from tirforge.agent.models import ModelNotFoundError, resolve_model
-    from tirforge.executors import LocalKernelExecutor
+    from tirforge.executors import ExecutorConfig, make_executor
     from tirforge.trajectories.schema import Trajectory, append_jsonl
 
     if not allow_network:
@@ -96,12 +103,22 @@ def solve(
     console.print(Panel(Text(problem), title="problem", border_style="cyan"))
     t0 = time.perf_counter()
     traj: Trajectory | None = None
-    with LocalKernelExecutor(timeout=timeout) as executor:
+    exec_cfg = ExecutorConfig(
+        backend=executor, timeout=timeout, sandbox=sandbox, memory_mb=memory_mb
+    )
+    try:
+        with console.status(f"Starting a {executor} kernel ..."):
+            kernel = make_executor(exec_cfg)
+            kernel.start()
+    except Exception as e:  # no Docker daemon, no image, no bwrap: say how to fix it
+        console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
+        raise typer.Exit(2) from None
+    with kernel:
         status = console.status("thinking ...")
         status.start()
         try:
             for node, item in solve_stream(
-                problem, backend, executor, cfg, reference=answer, model_name=model
+                problem, backend, kernel, cfg, reference=answer, model_name=model
             ):
                 if isinstance(item, Trajectory):
                     traj = item

@@ -1,25 +1,35 @@
-"""A stateful Jupyter kernel on this machine, driven through jupyter_client.
+"""The local backend: an ipykernel subprocess of this interpreter, sandboxed when possible.
 
-One executor = one kernel = one trajectory's namespace: each ``run`` executes only the new cell,
-earlier state stays in the kernel. A cell that overruns its timeout is interrupted (SIGINT);
-a kernel that does not come back, or dies, is restarted and the result says state was lost.
+Isolation, from strongest to weakest layer:
+- bubblewrap (``sandbox="bwrap"``, the default when ``bwrap`` is installed): new user, pid, net,
+  ipc and uts namespaces, so no network at all; only the system dirs and this Python's prefix
+  are visible (read-only), plus a private /tmp, the work dir and the socket dir; runs as an
+  unprivileged uid and dies with its parent.
+- setrlimit (always, via ``prlimit``): address space, CPU seconds, file size, and processes
+  (the process cap only bites inside bwrap's user namespace).
+- a per-kernel temp work dir, and an environment scrubbed of secrets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
-from jupyter_client import KernelManager
-from jupyter_client.kernelspec import KernelSpecManager
-
-from tirforge.executors.result import ExecutionResult, strip_ansi
+from tirforge.executors.config import ExecutorConfig
+from tirforge.executors.kernel import KERNEL_ARGS, KernelExecutor, write_connection_file
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+# One BLAS / OpenMP thread per kernel: many kernels share few cores, and thread pools
+# reserve address space that RLIMIT_AS counts.
+_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -28,157 +38,171 @@ def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if not any(m in k.upper() for m in _SECRET_MARKERS)}
 
 
-class LocalKernelExecutor:
-    """Run Python cells in an ipykernel subprocess of this interpreter (``sys.executable``)."""
+def make_pids_cgroup(max_pids: int) -> str | None:
+    """A fresh cgroup capping the number of processes, or None where we may not make one.
+
+    Root ignores RLIMIT_NPROC (even mapped into a user namespace), so as root a fork bomb is
+    only stopped by the pids controller. Non-root users get RLIMIT_NPROC instead.
+    """
+    if os.geteuid() != 0:
+        return None
+    name = f"tirforge-{uuid.uuid4().hex[:12]}"
+    v1 = "/sys/fs/cgroup/pids"
+    try:
+        if os.path.isdir(v1):
+            path = os.path.join(v1, name)
+        else:  # cgroup v2: the controller must be enabled for children of the root
+            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+                f.write("+pids")
+            path = os.path.join("/sys/fs/cgroup", name)
+        os.mkdir(path)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(max_pids))
+        return path
+    except OSError:
+        return None
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process in the cgroup (daemonised ones too), then remove it."""
+    for _ in range(50):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def bwrap_available() -> bool:
+    if shutil.which("bwrap") is None:
+        return False
+    probe = subprocess.run(
+        ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+class LocalKernelExecutor(KernelExecutor):
+    """Run cells in an ipykernel subprocess of ``sys.executable``."""
 
     def __init__(
         self,
-        timeout: float = 10.0,
+        config: ExecutorConfig | None = None,
         *,
-        startup_timeout: float = 60.0,
-        interrupt_grace: float = 3.0,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
+        **overrides: Any,
     ) -> None:
-        self.timeout = timeout
-        self.startup_timeout = startup_timeout
-        self.interrupt_grace = interrupt_grace
+        super().__init__(config, **overrides)
         self._own_cwd = cwd is None  # a temp dir we made is ours to delete
-        self.cwd = cwd
+        self.workdir = cwd
         # Model-written code must not see API keys; an explicit env is taken as given.
-        self.env = scrubbed_env() if env is None else dict(env)
-        self.km: KernelManager | None = None
-        self.kc: Any = None  # a BlockingKernelClient once started
+        self.env = {**(scrubbed_env() if env is None else dict(env)), **_THREAD_ENV}
+        mode = self.config.sandbox
+        if mode == "auto":
+            mode = "bwrap" if bwrap_available() else "none"
+        elif mode == "bwrap" and not bwrap_available():
+            raise RuntimeError(
+                "sandbox='bwrap' but bubblewrap is not usable here: install it "
+                "(apt-get install bubblewrap) or use sandbox='none'"
+            )
+        self.sandbox = mode
+        self.proc: subprocess.Popen | None = None
         self._sock_dir: str | None = None
+        self._cgroup: str | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the kernel and wait until it answers; a no-op if already started."""
-        if self.km is not None:
-            return
-        if self.cwd is None:
-            self.cwd = tempfile.mkdtemp(prefix="tirforge-kernel-")
-        # ZMQ over ipc sockets in a private dir: no TCP port races, nothing other users can reach.
+    @property
+    def cwd(self) -> str | None:
+        return self.workdir
+
+    # -- KernelExecutor hooks ----------------------------------------------------------------
+    def _launch(self) -> dict[str, Any]:
+        if self.workdir is None:
+            self.workdir = tempfile.mkdtemp(prefix="tirforge-kernel-")
         self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-")
-        self.km = KernelManager(
-            kernel_name="python3",
-            # No kernel dirs: only ipykernel's own spec, so no user-installed "python3" spec can
-            # point the kernel at another interpreter; it runs sys.executable.
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[]),
-            transport="ipc",
-            ip=os.path.join(self._sock_dir, "k"),
+        conn_file, info = write_connection_file(self._sock_dir)
+        cmd = [*self._limits(), sys.executable, "-m", "ipykernel_launcher", "-f", conn_file]
+        cmd += KERNEL_ARGS
+        env = dict(self.env)
+        if self.sandbox == "bwrap":
+            os.chmod(self._sock_dir, 0o700)
+            cmd = self._bwrap_prefix() + cmd
+            env["HOME"] = self.workdir
+        self._cgroup = make_pids_cgroup(self.config.max_processes)
+        if self._cgroup is not None:
+            # Join the cgroup before exec, so nothing the kernel forks escapes the cap.
+            procs = os.path.join(self._cgroup, "cgroup.procs")
+            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: _kill takes its children too
         )
-        try:
-            self.km.start_kernel(cwd=self.cwd, env=self.env)
-            self._connect()
-        except Exception:
-            self.close()
-            raise
+        return info
 
-    def _connect(self) -> None:
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=self.startup_timeout)
+    def _limits(self) -> list[str]:
+        c = self.config
+        mb = 1024 * 1024
+        limits = [
+            f"--as={c.memory_mb * mb}",
+            f"--cpu={c.cpu_seconds}",
+            f"--fsize={c.max_file_mb * mb}",
+        ]
+        if self.sandbox == "bwrap":
+            limits.append(f"--nproc={c.max_processes}")
+        return ["prlimit", *limits, "--"]
 
-    def restart(self) -> None:
-        """Restart the kernel process (all state is lost); starts it if it never was."""
-        if self.km is None:
-            return self.start()
-        self.kc.stop_channels()
-        self.km.restart_kernel(now=True)
-        self._connect()
+    def _bwrap_prefix(self) -> list[str]:
+        ro = {"/usr", sys.base_prefix, sys.prefix}
+        args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+        args += ["--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+        for path in sorted(ro):
+            args += ["--ro-bind", path, path]
+        for link in ("bin", "lib", "lib64", "sbin"):
+            target = os.readlink(f"/{link}") if os.path.islink(f"/{link}") else None
+            if target is not None:  # merged-/usr systems: /lib -> usr/lib
+                args += ["--symlink", target, f"/{link}"]
+            elif os.path.isdir(f"/{link}"):
+                args += ["--ro-bind", f"/{link}", f"/{link}"]
+        for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf"):
+            if os.path.exists(f):
+                args += ["--ro-bind", f, f]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        args += ["--bind", self.workdir, self.workdir, "--bind", self._sock_dir, self._sock_dir]
+        args += ["--remount-ro", "/", "--chdir", self.workdir, "--"]
+        return args
 
-    def is_alive(self) -> bool:
-        return self.km is not None and self.km.is_alive()
-
-    def close(self) -> None:
-        """Kill the kernel and remove its sockets and (if we made it) its working directory."""
-        if self.km is not None:
-            if self.kc is not None:
-                self.kc.stop_channels()
-            if self.km.has_kernel:
-                self.km.shutdown_kernel(now=True)
-            self.km = self.kc = None
+    def _kill(self) -> None:
+        if self._cgroup is not None:
+            kill_cgroup(self._cgroup)
+            self._cgroup = None
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.proc = None
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
-        if self._own_cwd and self.cwd is not None:
-            shutil.rmtree(self.cwd, ignore_errors=True)
-            self.cwd = None
 
-    def __enter__(self) -> LocalKernelExecutor:
-        self.start()
-        return self
+    def _process_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- running cells --------------------------------------------------------------------
-    def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
-        """Execute one cell; never raises for anything the cell does."""
-        self.start()
-        timeout = self.timeout if timeout is None else timeout
-        t0 = time.monotonic()
-        res = ExecutionResult(timeout_s=timeout)
-        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False)
-        idle = self._collect(msg_id, res, deadline=t0 + timeout)
-        if not idle and self.km.is_alive():
-            # Overran: interrupt (KeyboardInterrupt inside the cell), then give it a moment.
-            res.timed_out = True
-            self.km.interrupt_kernel()
-            idle = self._collect(msg_id, res, deadline=time.monotonic() + self.interrupt_grace)
-        if not idle:
-            # Dead, or deaf to SIGINT (e.g. stuck in C code): only a restart gets it back.
-            if not self.km.is_alive() and not res.timed_out:
-                res.error_name, res.error_value = "KernelDied", "the kernel process exited"
-            self.restart()
-            res.restarted = True
-        else:
-            self._drain_shell(msg_id)
-        if res.timed_out and res.error_name == "KeyboardInterrupt":
-            res.error_name = res.error_value = res.traceback = None  # the interrupt was ours
-        res.duration_s = time.monotonic() - t0
-        return res
-
-    def _collect(self, msg_id: str, res: ExecutionResult, deadline: float) -> bool:
-        """Read iopub messages of ``msg_id`` into ``res`` until idle (True) or deadline/death."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                # Short polls so a dead kernel is noticed well before the deadline.
-                msg = self.kc.get_iopub_msg(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                if not self.km.is_alive():
-                    return False
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue  # left over from an earlier, interrupted cell
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                if content["name"] == "stdout":
-                    res.stdout += content["text"]
-                else:
-                    res.stderr += content["text"]
-            elif kind == "execute_result":
-                res.result = content["data"].get("text/plain")
-            elif kind == "display_data":
-                text = content["data"].get("text/plain")
-                if text is not None:
-                    res.display_text.append(text)
-            elif kind == "error":
-                res.error_name, res.error_value = content["ename"], content["evalue"]
-                res.traceback = strip_ansi("\n".join(content["traceback"]))
-            elif kind == "status" and content["execution_state"] == "idle":
-                return True
-
-    def _drain_shell(self, msg_id: str) -> None:
-        # The execute_reply arrives on the shell channel; consume it so replies don't pile up.
-        try:
-            while True:
-                reply = self.kc.get_shell_msg(timeout=1.0)
-                if reply["parent_header"].get("msg_id") == msg_id:
-                    return
-        except queue.Empty:
-            return
+    def _cleanup(self) -> None:
+        if self._own_cwd and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None

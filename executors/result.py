@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _TRACEBACK_TAIL_LINES = 5
@@ -28,6 +28,9 @@ def truncate(s: str, max_chars: int) -> str:
 class ExecutionResult(BaseModel):
     """The outcome of one cell in a kernel."""
 
+    # PNG bytes travel as base64 in JSON (trajectory files, the chat app).
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     stdout: str = ""
     """Everything the cell wrote to stdout (print), in order."""
     stderr: str = ""
@@ -36,6 +39,8 @@ class ExecutionResult(BaseModel):
     """text/plain repr of the cell's value (its last expression), as Jupyter's Out[n]."""
     display_text: list[str] = []
     """text/plain of each display_data message (display(x), a figure's repr), in order."""
+    images: list[bytes] = []
+    """PNG images the cell displayed (e.g. matplotlib figures), raw bytes."""
     error_name: str | None = None
     """Exception class name, e.g. "NameError"; "KernelDied" if the kernel process died."""
     error_value: str | None = None

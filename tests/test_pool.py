@@ -1,0 +1,108 @@
+"""KernelPool: warm leases, reset on return, bounds, dead kernels, asyncio, clean shutdown."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tirforge.executors import ExecutorConfig, KernelPool
+
+from .conftest import BACKENDS
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def pool(backend):
+    with KernelPool(ExecutorConfig(**BACKENDS[backend]), size=2) as p:
+        yield p
+
+
+def wait_idle(pool, n, timeout=20):
+    deadline = time.monotonic() + timeout
+    while pool.idle < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.idle == n
+
+
+def test_lease_reset_on_return(pool):
+    assert pool.idle == 2
+    with pool.kernel() as k:
+        k.run("leak = 'from trajectory 1'")
+    wait_idle(pool, 2)
+    seen = []
+    for _ in range(2):  # whichever kernel we get, it was reset
+        k = pool.lease()
+        seen.append(k.run("'leak' in dir()").result)
+    assert seen == ["False", "False"]
+
+
+def test_bounded(pool):
+    a, b = pool.lease(), pool.lease()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="pool size 2"):
+        pool.lease(timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    pool.release(a)
+    assert pool.lease(timeout=20) is a
+    pool.release(a)
+    pool.release(b)
+
+
+def test_dead_kernel_is_replaced(pool):
+    k = pool.lease()
+    k._kill()  # dies while leased
+    pool.release(k)
+    wait_idle(pool, 2)
+    for _ in range(2):
+        assert pool.lease().run("1 + 1").result == "2"
+
+
+def test_asyncio_leases(pool):
+    async def trajectory(i):
+        async with pool.akernel(timeout=60) as k:
+            await asyncio.to_thread(k.run, f"v = {i}")
+            r = await asyncio.to_thread(k.run, "v * 10")
+            return r.result
+
+    async def main():
+        return await asyncio.gather(*(trajectory(i) for i in range(6)))
+
+    assert asyncio.run(main()) == [str(i * 10) for i in range(6)]
+
+
+def test_close_stops_every_kernel(backend):
+    p = KernelPool(ExecutorConfig(**BACKENDS[backend]), size=2).start()
+    leased = p.lease()
+    p.close()
+    assert not leased.is_alive()
+    p.close()  # twice is fine
+
+
+def test_sigterm_shuts_kernels_down(tmp_path):
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import os, time\n"
+        "from tirforge.executors import KernelPool, ExecutorConfig\n"
+        "pool = KernelPool(ExecutorConfig(sandbox='bwrap'), size=2).start()\n"
+        "pool.install_signal_handlers()\n"
+        "k = pool.lease()\n"
+        "print(k.run('import os; os.getppid()').result, flush=True)\n"
+        "print([kk.proc.pid for kk in pool._all], flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    pids = eval(proc.stdout.readline())
+    assert all(Path(f"/proc/{p}").exists() for p in pids)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
