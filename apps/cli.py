@@ -14,11 +14,14 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
+from tirforge.apps.sandbox import sandbox_app
+
 app = typer.Typer(
     help="tirforge: tool-integrated mathematical reasoning (models that write and run Python).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(sandbox_app, name="sandbox")
 console = Console()
 
 

@@ -39,10 +39,11 @@ def main() -> None:
     print(f"model load  bf16 cache       : {t_cache:6.2f}s   ({t_gguf / t_cache:.1f}x faster)")
 
     backend = TransformersBackend(path)
-    with LocalKernelExecutor() as k:
-        _, t_start = timed(lambda: k.run("1"))
+    k = LocalKernelExecutor()
+    _, t_start = timed(k.start)
+    with k:
         lat = [timed(lambda: k.run("1+1"))[1] for _ in range(50)]
-        print(f"kernel first cell (incl. start): {t_start:.2f}s")
+        print(f"kernel start (sandboxed, numpy+sympy preloaded): {t_start:.2f}s")
         print(f"kernel cell round trip  median {statistics.median(lat) * 1e3:.1f} ms")
         traj, t_solve = timed(
             lambda: solve(PROBLEM, backend, k, AgentConfig(max_turns=4), reference="2870")
@@ -57,12 +58,14 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=64)
     from tirforge.agent.backends.base import Request
 
+    req = Request([{"role": "user", "content": "Count from 1 to 100."}])
     for dtype in ("float32", "bfloat16"):
         b = TransformersBackend(path, dtype=dtype)
-        req = Request([{"role": "user", "content": "Count from 1 to 100."}])
         b.generate([req], SamplingParams(max_new_tokens=4))
-        c, t = timed(lambda b=b, req=req: b.generate([req], sp)[0])
-        print(f"decode {dtype:9s}: {c.n_tokens / t:5.1f} tok/s")
+        for batch in (1, 8):
+            cs, t = timed(lambda b=b, batch=batch: b.generate([req] * batch, sp))
+            n = sum(c.n_tokens for c in cs)
+            print(f"decode {dtype:9s} batch {batch}: {n / t:5.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -244,7 +244,11 @@ class KernelExecutor:
         t0 = time.monotonic()
         res = ExecutionResult(timeout_s=timeout)
         out, err = _Capped(self.config.max_output_chars), _Capped(self.config.max_output_chars)
-        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False)
+        # stop_on_error=False: otherwise ipykernel aborts the next request that arrives soon after
+        # an error (our own interrupt included), returning nothing for it.
+        msg_id = self.kc.execute(
+            code, store_history=True, allow_stdin=False, stop_on_error=False
+        )
         idle = self._collect(msg_id, res, out, err, deadline=t0 + timeout)
         if not idle and self._process_alive():
             # Overran: interrupt (KeyboardInterrupt inside the cell), then give it a moment.

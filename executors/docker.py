@@ -1,0 +1,259 @@
+"""The Docker backend: each kernel is an ipykernel in its own locked-down container.
+
+The container gets no network (``network_mode="none"``), a read-only root filesystem, an
+unprivileged uid, no capabilities, ``no-new-privileges``, cgroup limits on memory, processes
+and CPU, and two small tmpfs mounts (``/work`` for the cell's files, ``/tmp``). Its
+environment holds nothing from the host. The kernel talks to us over ZMQ ``ipc`` sockets in a
+private directory bind-mounted at the same path inside and out, signed with a random HMAC key;
+interrupts travel as Jupyter messages, so no signal ever has to cross the container boundary.
+
+Containers are labelled with the owning process (pid and start time). ``close`` removes a
+kernel's container, an ``atexit`` hook closes kernels nobody closed, and ``reap_orphans`` -- run
+once per process when the first docker kernel starts -- removes containers whose owner died
+without either (``kill -9``, a crash).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+from docker.types import LogConfig, Ulimit
+
+from tirforge.executors.config import ExecutorConfig
+from tirforge.executors.kernel import KERNEL_ARGS, KernelExecutor, write_connection_file
+from tirforge.executors.sandbox_image import docker_client
+
+LABEL = "tirforge.executor"
+# Numeric, so the image needs no passwd entry; Debian and python:*-slim call it nobody.
+SANDBOX_UID = 65534
+SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
+_SOCK_PREFIX = "tirforge-ipc-"
+_CONTAINER_ENV = {
+    "HOME": "/work",
+    # IPython's profile dir and the like go to /tmp, so a fresh /work is empty.
+    "IPYTHONDIR": "/tmp/.ipython",
+    "MPLCONFIGDIR": "/tmp/.matplotlib",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    # One BLAS / OpenMP thread per kernel, like the local backend.
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot), or None if there is no such process.
+
+    Stored with the pid, so a recycled pid is not mistaken for the owner.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name (field 2) may hold spaces; fields after its ")" are plain.
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(labels: dict[str, str]) -> bool:
+    try:
+        pid = int(labels.get(f"{LABEL}.owner_pid", ""))
+    except ValueError:
+        return False
+    return _start_time(pid) is not None and _start_time(pid) == labels.get(
+        f"{LABEL}.owner_start"
+    )
+
+
+def _remove_sock_dir(path: str | None) -> None:
+    # Labels are data from the daemon: only ever delete one of our own socket dirs.
+    if path and os.path.isabs(path) and os.path.basename(path).startswith(_SOCK_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_orphans(client: docker.DockerClient | None = None) -> int:
+    """Remove kernel containers (and socket dirs) whose owning process on this host is gone.
+
+    Returns how many containers were removed.
+    """
+    client = client or docker_client()
+    removed = 0
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        labels = c.labels
+        # The daemon may serve several hosts (or containers); their pids mean nothing here.
+        if labels.get(f"{LABEL}.host") != socket.gethostname() or _owner_alive(labels):
+            continue
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)
+            removed += 1
+        _remove_sock_dir(labels.get(f"{LABEL}.sock_dir"))
+    return removed
+
+
+_reaped = False
+_reap_lock = threading.Lock()
+# Strong references: a kernel nobody closed (or kept) is still closed at exit.
+_open_executors: set[DockerKernelExecutor] = set()
+
+
+def _reap_once(client: docker.DockerClient) -> None:
+    global _reaped
+    with _reap_lock:
+        if not _reaped:
+            reap_orphans(client)
+            atexit.register(_close_all)
+            _reaped = True
+
+
+def _close_all() -> None:
+    """At interpreter exit: close every docker kernel that is still open."""
+    for ex in list(_open_executors):
+        with contextlib.suppress(Exception):
+            ex.close()
+
+
+class DockerKernelExecutor(KernelExecutor):
+    """Run cells in an ipykernel inside a container of ``config.image``."""
+
+    workdir = "/work"
+
+    def __init__(self, config: ExecutorConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.container: Container | None = None
+        self._client: docker.DockerClient | None = None
+        self._sock_dir: str | None = None
+
+    # -- KernelExecutor hooks ----------------------------------------------------------------
+    def _launch(self) -> dict[str, Any]:
+        client = self._docker()
+        self._sock_dir = tempfile.mkdtemp(prefix=_SOCK_PREFIX)
+        conn_file, info = write_connection_file(self._sock_dir)
+        user = self._prepare_sock_dir(conn_file)
+        c = self.config
+        mb = f"{c.memory_mb}m"
+        _open_executors.add(self)
+        self.container = client.containers.run(
+            c.image,
+            ["python3", "-m", "ipykernel_launcher", "-f", conn_file, *KERNEL_ARGS],
+            name=f"tirforge-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            detach=True,
+            auto_remove=False,  # we remove it, after reading its logs if it failed to start
+            init=True,  # docker-init as pid 1 reaps zombies the cells leave behind
+            user=user,
+            environment=_CONTAINER_ENV,
+            working_dir=self.workdir,
+            network_mode="none",
+            read_only=True,
+            tmpfs={
+                self.workdir: f"size={c.max_file_mb}m,mode=1777,nosuid,nodev,noexec",
+                "/tmp": "size=64m,mode=1777,nosuid,nodev,noexec",
+            },
+            volumes={self._sock_dir: {"bind": self._sock_dir, "mode": "rw"}},
+            mem_limit=mb,
+            memswap_limit=mb,  # the same: no swap on top
+            pids_limit=c.max_processes,
+            nano_cpus=int(c.cpus * 1e9),
+            ulimits=[Ulimit(name="cpu", soft=c.cpu_seconds, hard=c.cpu_seconds)],
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            # Bounded logs: a cell writing to fd 1 directly must not fill the host's disk.
+            log_config=LogConfig(type="json-file", config={"max-size": "1m", "max-file": "1"}),
+            labels={
+                LABEL: "1",
+                f"{LABEL}.owner_pid": str(os.getpid()),
+                f"{LABEL}.owner_start": _start_time(os.getpid()) or "",
+                f"{LABEL}.host": socket.gethostname(),
+                f"{LABEL}.sock_dir": self._sock_dir,
+            },
+        )
+        self._wait_for_sockets()
+        return info
+
+    def _kill(self) -> None:
+        if self.container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.container.remove(force=True)
+            self.container = None
+        _remove_sock_dir(self._sock_dir)
+        self._sock_dir = None
+
+    def _process_alive(self) -> bool:
+        if self.container is None:
+            return False
+        try:
+            self.container.reload()
+        except docker.errors.NotFound:
+            return False
+        return self.container.status == "running"
+
+    def _cleanup(self) -> None:
+        _open_executors.discard(self)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _docker(self) -> docker.DockerClient:
+        """The daemon client; on first use check the image and reap dead owners' kernels."""
+        if self._client is None:
+            client = docker_client()
+            try:
+                client.images.get(self.config.image)
+            except docker.errors.ImageNotFound:
+                client.close()
+                raise RuntimeError(
+                    f"the sandbox image {self.config.image} does not exist: run "
+                    "`tirforge sandbox build` (or .ci/docker-setup.sh)"
+                ) from None
+            _reap_once(client)
+            self._client = client
+        return self._client
+
+    def _prepare_sock_dir(self, conn_file: str) -> str:
+        """Let the container user create sockets in the dir; return that user for Docker.
+
+        As root we hand the dir to the sandbox uid (root still reaches its sockets). Otherwise
+        the container runs as our own uid: sockets it creates must be ours to connect to.
+        """
+        assert self._sock_dir is not None
+        os.chmod(conn_file, 0o600)  # holds the HMAC key
+        if os.geteuid() != 0:
+            return f"{os.getuid()}:{os.getgid()}"
+        for path in (self._sock_dir, conn_file):
+            os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        return f"{SANDBOX_UID}:{SANDBOX_UID}"
+
+    def _wait_for_sockets(self) -> None:
+        """Block until the kernel has bound all five sockets; fail fast if it exits."""
+        assert self.container is not None and self._sock_dir is not None
+        deadline = time.monotonic() + self.config.startup_timeout
+        next_check = 0.0
+        while not all(os.path.exists(os.path.join(self._sock_dir, s)) for s in SOCKETS):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(
+                    f"docker kernel did not open its sockets within "
+                    f"{self.config.startup_timeout}s:\n{self._logs_tail()}"
+                )
+            if now >= next_check:  # an API call: not on every 10 ms poll
+                next_check = now + 0.25
+                if not self._process_alive():
+                    raise RuntimeError(f"docker kernel exited while starting:\n{self._logs_tail()}")
+            time.sleep(0.01)
+
+    def _logs_tail(self) -> str:
+        assert self.container is not None
+        with contextlib.suppress(docker.errors.APIError):
+            return self.container.logs(tail=30).decode(errors="replace")
+        return "(no logs)"
