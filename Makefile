@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/bench_executor.py
+	$(PY) bench/executors.py
 
 clean:
 	rm -rf $(VENV) runs

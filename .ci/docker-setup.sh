@@ -10,14 +10,13 @@ DOCKERD_LOG=${DOCKERD_LOG:-/var/log/tirforge-dockerd.log}
 DOCKERD_WAIT=${DOCKERD_WAIT:-60}
 
 missing=()
-command -v dockerd >/dev/null || missing+=(docker.io)
-command -v docker-init >/dev/null || missing+=(tini)  # docker run --init needs it
+command -v dockerd >/dev/null || missing+=(docker.io)  # also docker, docker-init (--init)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 if ((${#missing[@]})); then
     echo ">> installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # Only refresh the package lists when they are absent (fresh images ship none).
+    # Refresh the package lists only if installing without them fails (fresh images ship none).
     if ! apt-get install -y --no-install-recommends "${missing[@]}"; then
         apt-get update
         apt-get install -y --no-install-recommends "${missing[@]}"
@@ -28,12 +27,14 @@ if ! docker info >/dev/null 2>&1; then
     echo ">> starting dockerd (log: $DOCKERD_LOG)"
     # setsid: dockerd must outlive this script and not get the CI step's signals.
     setsid dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
+    dockerd_pid=$!
     for ((i = 0; i < DOCKERD_WAIT; i++)); do
         docker info >/dev/null 2>&1 && break
+        kill -0 "$dockerd_pid" 2>/dev/null || break  # it exited: no point waiting
         sleep 1
     done
     if ! docker info >/dev/null 2>&1; then
-        echo "error: dockerd did not answer within ${DOCKERD_WAIT}s; last lines of its log:" >&2
+        echo "error: dockerd is not answering (waited up to ${DOCKERD_WAIT}s); its log ends:" >&2
         tail -n 30 "$DOCKERD_LOG" >&2
         exit 1
     fi

@@ -49,7 +49,7 @@ def build(
     with console.status(f"Building {name} ...") as status:
 
         def log(line: str) -> None:
-            console.print(escape(line), style="dim", highlight=False)
+            console.print(escape(line), style="dim", highlight=False, soft_wrap=True)
             status.update(f"Building {name}: {escape(line[:80])}")
 
         try:

@@ -4,8 +4,10 @@ The container gets no network (``network_mode="none"``), a read-only root filesy
 unprivileged uid, no capabilities, ``no-new-privileges``, cgroup limits on memory, processes
 and CPU, and two small tmpfs mounts (``/work`` for the cell's files, ``/tmp``). Its
 environment holds nothing from the host. The kernel talks to us over ZMQ ``ipc`` sockets in a
-private directory bind-mounted at the same path inside and out, signed with a random HMAC key;
-interrupts travel as Jupyter messages, so no signal ever has to cross the container boundary.
+private directory bind-mounted at the same path inside and out, signed with a random HMAC key.
+Once the kernel answers, the key file is deleted and the directory taken back from it, so the
+one host-backed mount is closed to cells. Interrupts travel as Jupyter messages, so no signal
+ever has to cross the container boundary.
 
 Containers are labelled with the owning process (pid and start time). ``close`` removes a
 kernel's container, an ``atexit`` hook closes kernels nobody closed, and ``reap_orphans`` -- run
@@ -38,6 +40,7 @@ from tirforge.executors.sandbox_image import docker_client
 LABEL = "tirforge.executor"
 # Numeric, so the image needs no passwd entry; Debian and python:*-slim call it nobody.
 SANDBOX_UID = 65534
+CONNECTION_FILE = "kernel.json"  # as named by kernel.write_connection_file
 SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
 _SOCK_PREFIX = "tirforge-ipc-"
 _CONTAINER_ENV = {
@@ -79,6 +82,8 @@ def _owner_alive(labels: dict[str, str]) -> bool:
 def _remove_sock_dir(path: str | None) -> None:
     # Labels are data from the daemon: only ever delete one of our own socket dirs.
     if path and os.path.isabs(path) and os.path.basename(path).startswith(_SOCK_PREFIX):
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)  # see _lock_sock_dir
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -164,7 +169,10 @@ class DockerKernelExecutor(KernelExecutor):
             memswap_limit=mb,  # the same: no swap on top
             pids_limit=c.max_processes,
             nano_cpus=int(c.cpus * 1e9),
-            ulimits=[Ulimit(name="cpu", soft=c.cpu_seconds, hard=c.cpu_seconds)],
+            ulimits=[
+                Ulimit(name="cpu", soft=c.cpu_seconds, hard=c.cpu_seconds),
+                Ulimit(name="fsize", soft=c.max_file_mb * 2**20, hard=c.max_file_mb * 2**20),
+            ],
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             # Bounded logs: a cell writing to fd 1 directly must not fill the host's disk.
@@ -179,6 +187,11 @@ class DockerKernelExecutor(KernelExecutor):
         )
         self._wait_for_sockets()
         return info
+
+    def _connect(self, info: dict[str, Any]) -> None:
+        super()._connect(info)
+        # Only now: until it answers, the kernel may still be rewriting its connection file.
+        self._lock_sock_dir()
 
     def _kill(self) -> None:
         if self.container is not None:
@@ -233,6 +246,20 @@ class DockerKernelExecutor(KernelExecutor):
         for path in (self._sock_dir, conn_file):
             os.chown(path, SANDBOX_UID, SANDBOX_UID)
         return f"{SANDBOX_UID}:{SANDBOX_UID}"
+
+    def _lock_sock_dir(self) -> None:
+        """Once the kernel is up it needs neither the key file nor the dir.
+
+        Delete the key file and take the dir back, so a cell can neither read the key from
+        disk nor fill the host's disk through this one host-backed mount. (A non-root host
+        runs the kernel as itself, so there the chmod is only a speed bump.)
+        """
+        assert self._sock_dir is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self._sock_dir, CONNECTION_FILE))
+        if os.geteuid() == 0:
+            os.chown(self._sock_dir, 0, 0)
+        os.chmod(self._sock_dir, 0o700 if os.geteuid() == 0 else 0o500)
 
     def _wait_for_sockets(self) -> None:
         """Block until the kernel has bound all five sockets; fail fast if it exits."""

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tirforge.executors.config import ExecutorConfig
@@ -30,6 +31,10 @@ _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 # One BLAS / OpenMP thread per kernel: many kernels share few cores, and thread pools
 # reserve address space that RLIMIT_AS counts.
 _THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# bwrap --die-with-parent ties the sandbox to the *thread* that forked it (PR_SET_PDEATHSIG):
+# a kernel started from a short-lived worker thread would be killed when that thread ends.
+# So every kernel is forked from this one thread, which lives as long as the process.
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="tirforge-kernel-spawn")
 
 
 def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -141,7 +146,8 @@ class LocalKernelExecutor(KernelExecutor):
             # Join the cgroup before exec, so nothing the kernel forks escapes the cap.
             procs = os.path.join(self._cgroup, "cgroup.procs")
             cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
-        self.proc = subprocess.Popen(
+        self.proc = _SPAWNER.submit(
+            subprocess.Popen,
             cmd,
             cwd=self.workdir,
             env=env,
@@ -149,7 +155,7 @@ class LocalKernelExecutor(KernelExecutor):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # own process group: _kill takes its children too
-        )
+        ).result()
         return info
 
     def _limits(self) -> list[str]:

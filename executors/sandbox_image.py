@@ -74,6 +74,7 @@ IMAGE_CHANGES = (
     "ENV HOME=/work",
     "ENV OPENBLAS_NUM_THREADS=1",
     "ENV OMP_NUM_THREADS=1",
+    "ENV MKL_NUM_THREADS=1",
     "WORKDIR /work",
     "USER 65534:65534",
 )
@@ -140,20 +141,32 @@ def build_image(
     if method not in ("auto", "dockerfile", "debootstrap"):
         raise ValueError(f"method must be auto, dockerfile or debootstrap, not {method!r}")
     client = docker_client(timeout=600)
-    if method == "auto":
-        if image_exists(name, client) and not force:
+    try:
+        if method == "auto" and image_exists(name, client) and not force:
             log(f"image {name} already exists (use --force to rebuild)")
             return client.images.get(name).id
-        if registry_reachable(client):
-            method = "dockerfile"
-        else:
-            log(f"no registry answers for {DOCKERFILE_BASE}: building offline with debootstrap")
-            method = "debootstrap"
+        return _build(client, name, method, log)
+    finally:
+        client.close()
+
+
+def _build(client: docker.DockerClient, name: str, method: Method, log: Log) -> str:
     old_id = client.images.get(name).id if image_exists(name, client) else None
     t0 = time.monotonic()
-    if method == "dockerfile":
-        _build_dockerfile(client, name, log)
-    else:
+    if method == "auto" and not registry_reachable(client):
+        log(f"no registry answers for {DOCKERFILE_BASE}: building offline with debootstrap")
+        method = "debootstrap"
+    if method in ("auto", "dockerfile"):
+        try:
+            _build_dockerfile(client, name, log)
+        except SandboxBuildError as e:
+            if method == "dockerfile":
+                raise
+            log(f"{e}\nfalling back to debootstrap")  # e.g. the registry answers, PyPI not
+            method = "debootstrap"
+        else:
+            method = "dockerfile"
+    if method == "debootstrap":
         _build_debootstrap(client, name, log)
     image = client.images.get(name)
     if old_id is not None and old_id != image.id:
@@ -205,6 +218,7 @@ def _build_debootstrap(client: docker.DockerClient, name: str, log: Log) -> None
         log(f"importing {rootfs} as {name}")
         _import_rootfs(client, rootfs, name)
     finally:
+        _unmount_under(work)  # raises rather than let rmtree loose on a mounted host dir
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -248,6 +262,21 @@ def _trim(rootfs: Path) -> None:
     for tests in sorted((rootfs / TEST_DIRS_UNDER).rglob("tests")):
         if tests.is_dir() and not tests.is_symlink():  # False once a parent is gone
             shutil.rmtree(tests)
+
+
+def _unmount_under(path: Path) -> None:
+    """Unmount whatever an interrupted debootstrap left mounted in ``path`` (/proc, /sys, and
+    in some containers bind mounts of the host's /dev), so deleting the tree cannot reach
+    through a mount into the host. Repeats: unmounting one may uncover another below it."""
+    prefix = f"{path}/"
+    for _ in range(10):
+        with open("/proc/self/mounts") as f:
+            points = [p for p in (line.split()[1] for line in f) if p.startswith(prefix)]
+        if not points:
+            return
+        for point in sorted(points, reverse=True):  # children before their parents
+            subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
+    raise SandboxBuildError(f"could not unmount everything under {path}; remove it by hand")
 
 
 def _write_stub_package(rootfs: Path) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,8 @@ from tirforge.executors.sandbox_image import (
     docker_client,
 )
 
-pytestmark = pytest.mark.timeout(300)
+# Generous: the first test builds the image when it is missing (about two minutes offline).
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +92,23 @@ def test_container_is_locked_down(kernel, client, monkeypatch):
               "os.getcwd())")
     uid = 65534 if os.geteuid() == 0 else os.getuid()
     assert r.result == f"({uid}, True, True, '/work')", r.to_text()
-    r = k.run("open('/work/big', 'wb').write(b'x' * 32 * 2**20)")  # over the 16 MB tmpfs
-    assert r.error_name == "OSError" and "No space left" in r.error_value
+    r = k.run("open('/work/big', 'wb').write(b'x' * 32 * 2**20)")  # over the 16 MB cap
+    assert r.error_name == "OSError", r.to_text()
+    assert "File too large" in r.error_value or "No space left" in r.error_value
 
 
 def test_connection_is_signed_with_a_random_key(kernel):
     a, b = kernel(), kernel()
-    conn = os.path.join(a._sock_dir, "kernel.json")
-    info = json.load(open(conn))
-    assert info["signature_scheme"] == "hmac-sha256" and len(info["key"]) == 64
-    assert stat.S_IMODE(os.stat(conn).st_mode) == 0o600
-    assert info["key"] != json.load(open(os.path.join(b._sock_dir, "kernel.json")))["key"]
+    key = a.kc.session.key
+    assert a.kc.session.signature_scheme == "hmac-sha256" and len(key) == 64
+    assert key != b.kc.session.key
+    # The kernel signs with the same key, read from the connection file ...
+    assert a.run("get_ipython().kernel.session.key").result == repr(key)
+    # ... which is deleted once the sockets are bound: the key no longer sits on disk.
+    assert sorted(os.listdir(a._sock_dir)) == ["k-1", "k-2", "k-3", "k-4", "k-5"]
     # A client holding the sockets but not the key is ignored by the kernel.
     forged = BlockingKernelClient()
-    forged.load_connection_info({**info, "key": secrets.token_hex(32)})
+    forged.load_connection_info({**a.kc.get_connection_info(), "key": secrets.token_hex(32)})
     forged.start_channels()
     try:
         forged.execute("open('/work/forged', 'w').write('x')")
@@ -113,6 +116,14 @@ def test_connection_is_signed_with_a_random_key(kernel):
     finally:
         forged.stop_channels()
     assert a.run("import os; os.path.exists('/work/forged')").result == "False"
+
+
+def test_cells_cannot_write_to_the_socket_dir(kernel):
+    k = kernel()
+    # The one host-backed mount: after start-up it is closed to the kernel (no disk filling).
+    r = k.run(f"open({os.path.join(k._sock_dir, 'fill')!r}, 'wb').write(b'x' * 1000)")
+    assert r.error_name == "PermissionError", r.to_text()
+    assert k.run("1 + 1").result == "2"
 
 
 def test_close_leaves_no_container_and_no_socket_dir(kernel, client):
@@ -167,6 +178,7 @@ def run_owner(end: str) -> dict:
         f"{end}\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout, f"the owner process failed to start a kernel:\n{proc.stderr}"
     return json.loads(proc.stdout.splitlines()[0])
 
 

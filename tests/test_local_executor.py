@@ -90,3 +90,22 @@ def test_truncation_marker():
 
 def test_strip_ansi():
     assert strip_ansi("\x1b[0;31mNameError\x1b[0m: boom") == "NameError: boom"
+
+
+def test_kernel_outlives_the_thread_that_started_it():
+    # bwrap --die-with-parent follows the forking *thread*; a pool starts kernels in worker
+    # threads that end, and the kernel must not die with them.
+    import threading
+    import time
+
+    ex = LocalKernelExecutor(sandbox="bwrap")
+    try:
+        t = threading.Thread(target=ex.start)
+        t.start()
+        t.join()
+        time.sleep(0.5)
+        assert ex.is_alive()
+        r = ex.run("1 + 1")
+        assert r.result == "2" and not r.restarted
+    finally:
+        ex.close()
