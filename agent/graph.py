@@ -203,6 +203,7 @@ def solve_stream(
     traj = Trajectory(
         problem=problem,
         reference=reference,
+        messages=state["messages"],
         steps=state["steps"],
         final_answer=state.get("final_answer"),
         stop_reason=state.get("stop_reason"),

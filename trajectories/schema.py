@@ -44,8 +44,13 @@ class Trajectory(BaseModel):
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     problem: str
+    problem_id: str | None = None
+    """Id of the problem in its dataset (e.g. ``gsm8k/test/17``), if it came from one."""
     reference: str | None = None
     """Reference (gold) answer, if known."""
+    messages: list[dict] = Field(default_factory=list)
+    """The chat prompt the model was given (system and user turns), before the assistant's
+    steps: with ``steps`` it reproduces the exact model input, which training needs."""
     steps: list[Step] = Field(default_factory=list)
     final_answer: str | None = None
     """Answer extracted from the last step (content of the last \\boxed{})."""
