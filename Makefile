@@ -10,7 +10,7 @@ ANSWER  ?= 396
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup sandbox run test lint bench clean
+.PHONY: setup sandbox browser run test lint bench clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,16 @@ $(STAMP): pyproject.toml
 sandbox: setup
 	bash .ci/docker-setup.sh
 
+# Debian's Chromium for the chat app's browser tests (Playwright drives it; never
+# `playwright install`, which downloads a browser build).
+browser:
+	@command -v chromium >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
+
 run: setup
 	$(VENV)/bin/tirforge solve "$(PROBLEM)" --answer "$(ANSWER)" --out runs/solve.jsonl
 
-test: setup sandbox
+test: setup sandbox browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

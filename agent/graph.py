@@ -1,31 +1,52 @@
 """The tool-integrated reasoning loop as a LangGraph state machine.
 
-    generate ──code──▶ execute ──ok──▶ generate ...
-        │                 └──error──▶ reflect ──▶ generate
-        ├──\\boxed{}──▶ finish
-        └──no code, no answer / unclosed fence──▶ reflect ──▶ generate
+    [decompose] ─▶ generate ──code──▶ execute ──ok──▶ generate ...
+                      │                  └──error / timeout / restart / empty──▶ reflect ─▶ generate
+                      ├──\\boxed{}──▶ finish
+                      └──no code, no answer / unclosed fence──▶ reflect ─▶ generate
+    any budget (turns, tokens, model+kernel seconds) spent ─▶ finish
 
-State is a TypedDict, nodes are plain functions closed over the backend and executor, and routing
-is a small function on the state. The model's turn ends as soon as a ```python block closes, so it
+State is a TypedDict, nodes are plain functions, and routing is a small function on the state.
+The prompt format (``tirforge.agent.formats``) renders the state for the model and parses what it
+writes; the model's turn ends as soon as a ```python block closes, so it
 never writes the output itself: the kernel does.
+
+The same graph runs synchronously (``solve``) or as coroutines (``build_async_graph``, used by the
+batched runner). Backend and kernel come from ``config["configurable"]`` when given, so one
+compiled graph serves many trajectories. Nodes emit typed ``AgentEvent``s on LangGraph's
+``custom`` stream mode.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypedDict
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
-from tirforge.agent import format as fmt
-from tirforge.agent.backends.base import Backend, Request, SamplingParams
+from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
+from tirforge.agent.formats import Format, Reflection, get_format
 from tirforge.executors.result import ExecutionResult
 from tirforge.trajectories.grading import extract_boxed, grade
 from tirforge.trajectories.schema import Step, Trajectory
 
-Event = Literal["code", "answer", "unclosed", "no_answer", "ok", "error", "timeout", "restart"]
+Event = Literal[
+    "plan", "code", "answer", "unclosed", "no_answer", "ok", "error", "timeout", "restart",
+    "empty_output",
+]
+EventKind = Literal["step_started", "token", "code", "output", "reflection", "answer"]
+
+
+class AgentEvent(TypedDict):
+    """One typed event on the ``custom`` stream (what the CLI and chat app render)."""
+
+    kind: EventKind
+    node: str
+    text: str
 
 
 class CodeRunner(Protocol):
@@ -36,21 +57,49 @@ class CodeRunner(Protocol):
 
 @dataclass
 class AgentConfig:
-    """Budgets and policies of the loop."""
+    """Format, budgets and policies of the loop."""
 
+    format: str = "qwen-tir"
+    """Prompt format: qwen-tir, qwen-cot or dotamath (see ``tirforge.agent.formats``)."""
+    decompose: bool | None = None
+    """Start with a decomposition turn. None: only if the format has one (dotamath)."""
     max_turns: int = 6
-    """Model turns (generations) at most, the answer nudge included."""
+    """Model turns (generations) at most, decomposition and answer nudge included."""
+    max_tokens: int | None = None
+    """Generated tokens at most over the whole trajectory (None: no limit)."""
+    max_time_s: float | None = None
+    """Seconds of generation + execution at most (None: no limit). Counted from node
+    durations, so a resumed session keeps its budget."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    decompose_max_new_tokens: int = 200
+    """Tokens at most for the decomposition turn."""
     cell_timeout: float = 10.0
     """Seconds a code cell may run before the kernel is interrupted."""
     max_output_chars: int = 1000
     """Executor output shown to the model is cut to this many characters."""
+    reflect_on: tuple[Reflection, ...] = ("error", "timeout", "restart", "unclosed")
+    """Situations followed by a reflection line; add "empty_output" to question silent cells.
+    An execution not listed here simply goes back to the model."""
+    max_reflections: int | None = None
+    """Reflections at most per trajectory (None: no limit); the answer nudge is not one."""
     nudge_for_answer: bool = True
     """If the model stops with neither code nor answer, append "the final answer is \\boxed{"
     and let it complete that once (a standard answer trigger)."""
     tool_hint: bool = True
-    """Add a one-line reminder of the ```python / ```output mechanics to the user turn."""
-    system_prompt: str = fmt.SYSTEM_PROMPT
+    """Add the format's reminder of the ```python / ```output mechanics to the user turn."""
+    system_prompt: str | None = None
+    """Override the format's system prompt (None: the format's)."""
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+    @property
+    def decomposes(self) -> bool:
+        can = self.fmt.decompose_prompt is not None
+        if self.decompose and not can:
+            raise ValueError(f"format {self.format!r} has no decomposition step")
+        return can if self.decompose is None else self.decompose
 
 
 class AgentState(TypedDict, total=False):
@@ -58,157 +107,338 @@ class AgentState(TypedDict, total=False):
     messages: list[dict]
     steps: list[Step]
     turns: int
+    tokens: int
+    """Tokens generated so far."""
+    elapsed_s: float
+    """Seconds spent in generation and execution so far."""
     event: Event
     nudged: bool
+    reflections: int
     final_answer: str | None
     stop_reason: str | None
 
 
-def _parse_turn(text: str) -> tuple[str, str | None, Event]:
-    """Cut a model turn at its first closed code block; classify what the turn produced."""
-    block = fmt.find_code_block(text)
-    boxed_at = text.find("\\boxed")
-    if block is not None:
-        code, end = block
-        if boxed_at == -1 or boxed_at > end:
-            return text[:end], code, "code"
-    if boxed_at != -1 and extract_boxed(text) is not None:
-        return text, None, "answer"
-    if fmt.has_open_code_block(text):
-        return text, None, "unclosed"
-    return text, None, "no_answer"
+GenerateFn = Callable[[Request, SamplingParams], Completion]
+AsyncGenerateFn = Callable[[Request, SamplingParams], Awaitable[Completion]]
+AsyncRunFn = Callable[[Any, str, float], Awaitable[ExecutionResult]]
 
 
-def build_graph(backend: Backend, executor: CodeRunner, config: AgentConfig | None = None):
-    """Compile the solve loop for one backend and one (stateful) executor."""
-    cfg = config or AgentConfig()
+def _emit(kind: EventKind, node: str, text: str = "") -> None:
+    get_stream_writer()(AgentEvent(kind=kind, node=node, text=text))
 
-    def generate(state: AgentState) -> AgentState:
-        steps = state["steps"]
+
+def _budget_spent(state: AgentState, cfg: AgentConfig) -> str | None:
+    """The stop reason of the first budget that is spent, or None."""
+    if state["turns"] >= cfg.max_turns:
+        return "max_turns"
+    if cfg.max_tokens is not None and state.get("tokens", 0) >= cfg.max_tokens:
+        return "max_tokens"
+    if cfg.max_time_s is not None and state.get("elapsed_s", 0.0) >= cfg.max_time_s:
+        return "max_time"
+    return None
+
+
+class _Nodes:
+    """The node logic, split into request / apply halves so sync and async nodes share it."""
+
+    def __init__(self, cfg: AgentConfig):
+        self.cfg, self.fmt = cfg, cfg.fmt
+
+    def _params(self, state: AgentState, cap: int) -> SamplingParams:
+        left = cap
+        if self.cfg.max_tokens is not None:
+            left = min(left, self.cfg.max_tokens - state.get("tokens", 0))
+        return replace(self.cfg.sampling, max_new_tokens=max(1, left), n=1)
+
+    # decompose ------------------------------------------------------------------------------
+    def decompose_request(self, state: AgentState) -> tuple[Request, SamplingParams]:
+        _emit("step_started", "decompose")
         req = Request(
             messages=state["messages"],
-            prefix=fmt.render_prefix(steps),
-            stop=fmt.has_closed_code_block,
+            prefix=self.fmt.decompose_prompt or "",
+            stop=lambda t: "```" in t or "\n\n" in t.strip("\n"),
+            stop_strings=("```", "\n\n"),
         )
-        t0 = time.perf_counter()
-        completion = backend.generate([req], cfg.sampling)[0]
-        text, code, event = _parse_turn(completion.text)
-        if state.get("nudged"):  # the model was completing "\boxed{": nothing more to run
-            text, code, event = completion.text, None, "answer"
-        step = Step(text=text, code=code, gen_s=time.perf_counter() - t0)
-        return {"steps": [*steps, step], "turns": state["turns"] + 1, "event": event}
+        return req, self._params(state, self.cfg.decompose_max_new_tokens)
 
-    def execute(state: AgentState) -> AgentState:
-        *done, step = state["steps"]
-        result = executor.run(step.code or "", timeout=cfg.cell_timeout)
-        step = step.model_copy(
-            update={"execution": result, "output": result.to_text(cfg.max_output_chars)}
+    def decompose_apply(self, state: AgentState, c: Completion, dt: float) -> AgentState:
+        plan = c.text
+        for cut in ("```", "\n\n"):  # the plan ends where code or a blank line starts
+            at = plan.find(cut, 1 if cut == "\n\n" else 0)
+            plan = plan[:at] if at >= 0 else plan
+        step = Step(
+            text=(self.fmt.decompose_prompt or "") + plan.rstrip(),
+            feedback=self.fmt.after_decompose,
+            gen_s=dt,
         )
+        _emit("reflection", "decompose", step.text)
+        return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": "plan"}
+
+    # generate -------------------------------------------------------------------------------
+    def generate_request(self, state: AgentState, stream: bool) -> tuple[Request, SamplingParams]:
+        _emit("step_started", "generate")
+        req = Request(
+            messages=state["messages"],
+            prefix=self.fmt.render_prefix(state["steps"]),
+            stop=self.fmt.stop if self.fmt.uses_tools else None,
+            stop_strings=self.fmt.stop_strings,
+        )
+        if stream:
+            writer = get_stream_writer()
+            req.on_text = lambda t: writer(AgentEvent(kind="token", node="generate", text=t))
+        return req, self._params(state, self.cfg.sampling.max_new_tokens)
+
+    def generate_apply(self, state: AgentState, c: Completion, dt: float) -> AgentState:
+        text, code, event = self.fmt.parse_turn(c.text)
+        if state.get("nudged"):  # the model was completing "\boxed{": nothing more to run
+            text, code, event = c.text, None, "answer"
+        if code is not None:
+            _emit("code", "generate", code)
+        step = Step(text=text, code=code, gen_s=dt)
+        return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": event}
+
+    def _counts(self, state: AgentState, c: Completion, dt: float) -> AgentState:
+        return {
+            "turns": state["turns"] + 1,
+            "tokens": state.get("tokens", 0) + c.n_tokens,
+            "elapsed_s": state.get("elapsed_s", 0.0) + dt,
+        }
+
+    # execute --------------------------------------------------------------------------------
+    def execute_apply(self, state: AgentState, result: ExecutionResult) -> AgentState:
+        *done, step = state["steps"]
+        output = result.to_text(self.cfg.max_output_chars)
+        step = step.model_copy(update={"execution": result, "output": output})
+        _emit("output", "execute", output)
         if result.restarted:
             event: Event = "restart"
         elif result.timed_out:
             event = "timeout"
+        elif not result.ok:
+            event = "error"
         else:
-            event = "ok" if result.ok else "error"
-        return {"steps": [*done, step], "event": event}
+            event = "ok" if output.strip() else "empty_output"
+        return {
+            "steps": [*done, step],
+            "event": event,
+            "elapsed_s": state.get("elapsed_s", 0.0) + result.duration_s,
+        }
 
-    def reflect(state: AgentState) -> AgentState:
+    # reflect / finish -----------------------------------------------------------------------
+    def reflect(self, state: AgentState) -> AgentState:
         *done, step = state["steps"]
         event = state["event"]
         update: AgentState = {}
-        if event == "unclosed":
-            feedback = fmt.REFLECT_UNCLOSED + "\n"
-        elif event == "no_answer":
-            feedback, update["nudged"] = fmt.REFLECT_NO_ANSWER, True
+        if event == "no_answer":
+            update["nudged"] = True
         else:
-            feedback = {
-                "error": fmt.REFLECT_ERROR,
-                "timeout": fmt.REFLECT_TIMEOUT,
-                "restart": fmt.REFLECT_RESTART,
-            }[event] + "\n"
+            update["reflections"] = state.get("reflections", 0) + 1
+        feedback = self.fmt.feedback[event]
+        _emit("reflection", "reflect", feedback)
         update["steps"] = [*done, step.model_copy(update={"feedback": feedback})]
         return update
 
-    def finish(state: AgentState) -> AgentState:
-        answer = extract_boxed(fmt.render_prefix(state["steps"]))
+    def finish(self, state: AgentState) -> AgentState:
+        answer = extract_boxed(self.fmt.render_prefix(state["steps"]))
         if answer is not None:
             reason = "answer"
-        elif state["event"] == "unclosed":
+        elif state.get("event") == "unclosed":
             reason = "unclosed_code"
-        elif state["turns"] >= cfg.max_turns:
-            reason = "max_turns"
         else:
-            reason = "no_answer"
+            reason = _budget_spent(state, self.cfg) or "no_answer"
+        _emit("answer", "finish", answer or "")
         return {"final_answer": answer, "stop_reason": reason}
 
-    out_of_turns = lambda s: s["turns"] >= cfg.max_turns  # noqa: E731
+    # routing --------------------------------------------------------------------------------
+    def may_reflect(self, state: AgentState, reason: str) -> bool:
+        cap = self.cfg.max_reflections
+        return (
+            reason in self.cfg.reflect_on
+            and reason in self.fmt.feedback
+            and (cap is None or state.get("reflections", 0) < cap)
+        )
 
-    def after_generate(state: AgentState) -> str:
+    def after_generate(self, state: AgentState) -> str:
         event = state["event"]
         if event == "code":
             return "execute"  # even on the last turn: its output belongs to the trajectory
-        if event == "answer" or out_of_turns(state):
+        if event == "answer" or _budget_spent(state, self.cfg):
             return "finish"
-        if event == "no_answer" and not cfg.nudge_for_answer:
+        if event == "no_answer":
+            return "reflect" if self.cfg.nudge_for_answer and not state.get("nudged") else "finish"
+        return "reflect" if self.may_reflect(state, event) else "finish"  # unclosed
+
+    def after_execute(self, state: AgentState) -> str:
+        if _budget_spent(state, self.cfg):
             return "finish"
-        return "reflect"
+        return "reflect" if self.may_reflect(state, state["event"]) else "generate"
 
-    def after_execute(state: AgentState) -> str:
-        if state["event"] != "ok":
-            return "reflect"
-        return "finish" if out_of_turns(state) else "generate"
+    def after_step(self, state: AgentState) -> str:  # after reflect and decompose
+        return "finish" if _budget_spent(state, self.cfg) else "generate"
 
-    def after_reflect(state: AgentState) -> str:
-        return "finish" if out_of_turns(state) else "generate"
 
+def _executor(config: RunnableConfig, default: Any) -> Any:
+    runner = (config.get("configurable") or {}).get("executor", default)
+    if runner is None:
+        raise RuntimeError("the model wrote code but no executor was given")
+    return runner
+
+
+def _generator(config: RunnableConfig, default: Backend | GenerateFn | None) -> GenerateFn:
+    backend = (config.get("configurable") or {}).get("backend", default)
+    if backend is None:
+        raise RuntimeError("no model backend was given")
+    return backend if callable(backend) else (lambda r, p: backend.generate([r], p)[0])
+
+
+def _assemble(n: _Nodes, nodes: dict[str, Callable], checkpointer: Any = None):
     g = StateGraph(AgentState)
-    g.add_node("generate", generate)
-    g.add_node("execute", execute)
-    g.add_node("reflect", reflect)
-    g.add_node("finish", finish)
-    g.add_edge(START, "generate")
-    g.add_conditional_edges("generate", after_generate, ["execute", "reflect", "finish"])
-    g.add_conditional_edges("execute", after_execute, ["reflect", "generate", "finish"])
-    g.add_conditional_edges("reflect", after_reflect, ["generate", "finish"])
+    for name, fn in nodes.items():
+        if name not in ("reflect", "finish"):
+            g.add_node(name, fn)
+    g.add_node("reflect", nodes.get("reflect", n.reflect))
+    g.add_node("finish", nodes.get("finish", n.finish))
+    if n.cfg.decomposes:
+        g.add_edge(START, "decompose")
+        g.add_conditional_edges("decompose", n.after_step, ["generate", "finish"])
+    else:
+        g.add_edge(START, "generate")
+    g.add_conditional_edges("generate", n.after_generate, ["execute", "reflect", "finish"])
+    g.add_conditional_edges("execute", n.after_execute, ["reflect", "generate", "finish"])
+    g.add_conditional_edges("reflect", n.after_step, ["generate", "finish"])
     g.add_edge("finish", END)
-    return g.compile()
+    return g.compile(checkpointer=checkpointer)
+
+
+def build_graph(
+    backend: Backend | GenerateFn | None = None,
+    executor: CodeRunner | None = None,
+    config: AgentConfig | None = None,
+    *,
+    checkpointer: Any = None,
+    stream_tokens: bool = False,
+):
+    """Compile the solve loop (synchronous nodes).
+
+    ``backend`` and ``executor`` are defaults: ``config["configurable"]["backend"]`` and
+    ``["executor"]`` override them per run, so one compiled graph serves every run (compiling
+    costs ~50x a turn). ``stream_tokens`` asks the backend for text chunks (``token`` events).
+    """
+    n = _Nodes(config or AgentConfig())
+
+    def timed(config: RunnableConfig, req: Request, params: SamplingParams):
+        gen = _generator(config, backend)
+        t0 = time.perf_counter()
+        c = gen(req, params)
+        return c, time.perf_counter() - t0
+
+    def decompose(state: AgentState, config: RunnableConfig) -> AgentState:
+        return n.decompose_apply(state, *timed(config, *n.decompose_request(state)))
+
+    def generate(state: AgentState, config: RunnableConfig) -> AgentState:
+        req = n.generate_request(state, stream_tokens)
+        return n.generate_apply(state, *timed(config, *req))
+
+    def execute(state: AgentState, config: RunnableConfig) -> AgentState:
+        _emit("step_started", "execute")
+        code = state["steps"][-1].code or ""
+        return n.execute_apply(state, _executor(config, executor).run(code, n.cfg.cell_timeout))
+
+    nodes = {"generate": generate, "execute": execute}
+    if n.cfg.decomposes:
+        nodes["decompose"] = decompose
+    return _assemble(n, nodes, checkpointer)
+
+
+def build_async_graph(
+    agenerate: AsyncGenerateFn,
+    arun: AsyncRunFn,
+    config: AgentConfig | None = None,
+    *,
+    checkpointer: Any = None,
+):
+    """Compile the solve loop with coroutine nodes, for many trajectories on one event loop.
+
+    ``agenerate(request, params)`` returns one completion (e.g. through a micro-batcher);
+    ``arun(executor, code, timeout)`` runs a cell without blocking the loop.
+    """
+    n = _Nodes(config or AgentConfig())
+
+    async def timed(req: Request, params: SamplingParams) -> tuple[Completion, float]:
+        t0 = time.perf_counter()
+        c = await agenerate(req, params)
+        return c, time.perf_counter() - t0
+
+    async def decompose(state: AgentState) -> AgentState:
+        return n.decompose_apply(state, *await timed(*n.decompose_request(state)))
+
+    async def generate(state: AgentState) -> AgentState:
+        return n.generate_apply(state, *await timed(*n.generate_request(state, False)))
+
+    async def execute(state: AgentState, config: RunnableConfig) -> AgentState:
+        _emit("step_started", "execute")
+        code = state["steps"][-1].code or ""
+        result = await arun(_executor(config, None), code, n.cfg.cell_timeout)
+        return n.execute_apply(state, result)
+
+    # Coroutines, not plain functions: LangGraph would run sync nodes in a worker thread.
+    async def reflect(state: AgentState) -> AgentState:
+        return n.reflect(state)
+
+    async def finish(state: AgentState) -> AgentState:
+        return n.finish(state)
+
+    nodes = {"generate": generate, "execute": execute, "reflect": reflect, "finish": finish}
+    if n.cfg.decomposes:
+        nodes["decompose"] = decompose
+    return _assemble(n, nodes, checkpointer)
 
 
 def initial_state(problem: str, cfg: AgentConfig) -> AgentState:
-    messages = fmt.build_messages(problem, cfg.system_prompt, hint=cfg.tool_hint)
-    return {"problem": problem, "messages": messages, "steps": [], "turns": 0, "nudged": False}
+    messages = cfg.fmt.build_messages(problem, hint=cfg.tool_hint)
+    if cfg.system_prompt is not None:
+        messages[0] = {"role": "system", "content": cfg.system_prompt}
+    return {
+        "problem": problem, "messages": messages, "steps": [], "turns": 0, "tokens": 0,
+        "elapsed_s": 0.0, "nudged": False, "reflections": 0,
+    }
 
 
-def solve_stream(
-    problem: str,
-    backend: Backend,
-    executor: CodeRunner,
-    config: AgentConfig | None = None,
+def run_config(
+    cfg: AgentConfig, executor: Any = None, thread_id: str | None = None, backend: Any = None
+) -> dict:
+    """LangGraph run config: recursion limit from the turn budget, kernel, backend, thread id."""
+    configurable: dict[str, Any] = {}
+    if executor is not None:
+        configurable["executor"] = executor
+    if backend is not None:
+        configurable["backend"] = backend
+    if thread_id is not None:
+        configurable["thread_id"] = thread_id
+    # Each turn passes through at most 3 nodes (generate, execute, reflect), plus finish.
+    return {"recursion_limit": 3 * cfg.max_turns + 5, "configurable": configurable}
+
+
+def to_trajectory(
+    state: AgentState,
+    cfg: AgentConfig,
     *,
     reference: str | None = None,
+    problem_id: str | None = None,
     model_name: str = "",
-) -> Iterator[tuple[str, AgentState | Trajectory]]:
-    """Run the loop, yielding (node name, state update) as each node finishes, then
-    ("trajectory", Trajectory) with the graded result."""
-    cfg = config or AgentConfig()
-    graph = build_graph(backend, executor, cfg)
-    state = initial_state(problem, cfg)
-    t0 = time.perf_counter()
-    # Each turn passes through at most 3 nodes (generate, execute, reflect), plus finish.
-    limits = {"recursion_limit": 3 * cfg.max_turns + 5}
-    for chunk in graph.stream(state, limits, stream_mode="updates"):
-        for node, update in chunk.items():
-            state = {**state, **(update or {})}
-            yield node, update or {}
+    total_s: float = 0.0,
+) -> Trajectory:
+    """The graded trajectory of a finished run."""
     traj = Trajectory(
-        problem=problem,
+        problem=state["problem"],
+        problem_id=problem_id,
         reference=reference,
         messages=state["messages"],
         steps=state["steps"],
         final_answer=state.get("final_answer"),
         stop_reason=state.get("stop_reason"),
-        model=model_name or getattr(backend, "name", ""),
-        format="qwen-tir",
+        model=model_name,
+        format=cfg.format,
         sampling=cfg.sampling.as_dict(),
     )
     if reference is not None:
@@ -216,24 +446,86 @@ def solve_stream(
     traj.timings = {
         "generate_s": sum(s.gen_s for s in traj.steps),
         "execute_s": sum(s.execution.duration_s for s in traj.steps if s.execution),
-        "total_s": time.perf_counter() - t0,
+        "total_s": total_s,
     }
-    yield "trajectory", traj
+    return traj
+
+
+_GRAPHS: dict[tuple, Any] = {}
+
+
+def _cached_graph(cfg: AgentConfig, checkpointer: Any, stream_tokens: bool):
+    """One compiled graph per (config, streaming); backend and kernel are per-run
+    ``configurable`` values. Graphs with a checkpointer are not shared."""
+    if checkpointer is not None:
+        return build_graph(None, None, cfg, checkpointer=checkpointer,
+                           stream_tokens=stream_tokens)
+    key = (repr(cfg), stream_tokens)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        if len(_GRAPHS) >= 64:
+            _GRAPHS.clear()
+        graph = _GRAPHS[key] = build_graph(None, None, cfg, stream_tokens=stream_tokens)
+    return graph
+
+
+def solve_stream(
+    problem: str,
+    backend: Backend,
+    executor: CodeRunner | None,
+    config: AgentConfig | None = None,
+    *,
+    reference: str | None = None,
+    problem_id: str | None = None,
+    model_name: str = "",
+    checkpointer: Any = None,
+    thread_id: str | None = None,
+    stream_tokens: bool = False,
+) -> Iterator[tuple[str, AgentState | AgentEvent | Trajectory]]:
+    """Run the loop, yielding ``(node, state update)`` as each node finishes, ``("event",
+    AgentEvent)`` as nodes emit them, then ``("trajectory", Trajectory)``.
+
+    With a ``checkpointer`` and ``thread_id`` every step is saved; calling again with the same
+    thread id resumes an unfinished run (or returns a finished one) instead of starting over.
+    """
+    cfg = config or AgentConfig()
+    graph = _cached_graph(cfg, checkpointer, stream_tokens)
+    rc = run_config(cfg, executor, thread_id, backend)
+    saved = graph.get_state(rc).values if checkpointer is not None and thread_id else {}
+    state: AgentState = dict(saved) if saved else initial_state(problem, cfg)
+    t0 = time.perf_counter()
+    if not saved.get("stop_reason"):
+        for mode, chunk in graph.stream(
+            None if saved else state, rc, stream_mode=["updates", "custom"]
+        ):
+            if mode == "custom":
+                yield "event", chunk
+                continue
+            for node, update in chunk.items():
+                state = {**state, **(update or {})}
+                yield node, update or {}
+    yield "trajectory", to_trajectory(
+        state, cfg, reference=reference, problem_id=problem_id,
+        model_name=model_name or getattr(backend, "name", ""), total_s=time.perf_counter() - t0,
+    )
 
 
 def solve(
     problem: str,
     backend: Backend,
-    executor: CodeRunner,
+    executor: CodeRunner | None,
     config: AgentConfig | None = None,
     *,
     reference: str | None = None,
-    on_event: Callable[[str, AgentState], None] | None = None,
+    on_event: Callable[[str, AgentState | AgentEvent], None] | None = None,
     model_name: str = "",
+    checkpointer: Any = None,
+    thread_id: str | None = None,
 ) -> Trajectory:
     """Solve one problem and return its graded trajectory."""
     for node, item in solve_stream(
-        problem, backend, executor, config, reference=reference, model_name=model_name
+        problem, backend, executor, config, reference=reference, model_name=model_name,
+        checkpointer=checkpointer, thread_id=thread_id,
     ):
         if isinstance(item, Trajectory):
             return item

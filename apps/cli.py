@@ -14,6 +14,8 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
+from tirforge.apps.data import register as register_data_commands
+from tirforge.apps.eval import eval_command
 from tirforge.apps.sandbox import sandbox_app
 
 app = typer.Typer(
@@ -22,6 +24,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(sandbox_app, name="sandbox")
+app.command("eval")(eval_command)
+register_data_commands(app)  # collect, evolve, select, export
+from tirforge.apps.train import register as register_train_commands  # noqa: E402
+
+register_train_commands(app)  # train sft|rm|dpo|grpo, score
 console = Console()
 
 
@@ -56,10 +63,41 @@ def solve(
     problem: Annotated[str, typer.Argument(help="The math problem, in plain text or LaTeX.")],
     answer: Annotated[str | None, typer.Option(help="Reference answer to grade against.")] = None,
     model: Annotated[
-        str, typer.Option(help="Alias (smollm2), local model folder, or hub id.")
+        str,
+        typer.Option(help="Alias (smollm2), local model folder or hub id; with --backend openai "
+                     "the served model name (\"\": the server's first)."),
     ] = "smollm2",
+    format: Annotated[
+        str, typer.Option("--format", help="Prompt format: qwen-tir, qwen-cot or dotamath.")
+    ] = "qwen-tir",
+    backend: Annotated[
+        str, typer.Option(help="Model backend: transformers, openai (any OpenAI-compatible "
+                          "server) or vllm (in-process engine, GPU).")
+    ] = "transformers",
+    base_url: Annotated[
+        str | None, typer.Option(help="Server URL for --backend openai, e.g. "
+                                 "http://localhost:8000/v1.")
+    ] = None,
+    api_key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the server's API key.")
+    ] = "OPENAI_API_KEY",
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer (local folder or id) whose chat template the "
+                                 "server's model uses; enables exact prefix continuation over "
+                                 "/v1/completions (default: --model).")
+    ] = None,
+    decompose: Annotated[
+        bool | None, typer.Option("--decompose/--no-decompose",
+                                  help="Start with a sub-task decomposition (default: dotamath).")
+    ] = None,
     max_turns: Annotated[int, typer.Option(help="Model turns at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per model turn at most.")] = 512,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Tokens over the whole solution at most.")
+    ] = None,
+    max_time: Annotated[
+        float | None, typer.Option(help="Seconds of generation + execution at most.")
+    ] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
@@ -73,68 +111,104 @@ def solve(
     out: Annotated[
         Path | None, typer.Option(help="Append the trajectory to this JSONL file.")
     ] = None,
+    session_db: Annotated[
+        Path | None, typer.Option(help="SQLite file that checkpoints every step (with "
+                                  "--thread-id: resume an interrupted session).")
+    ] = None,
+    thread_id: Annotated[
+        str | None, typer.Option(help="Session id in --session-db to start or resume.")
+    ] = None,
     allow_network: Annotated[
         bool, typer.Option(help="Allow downloading --model from the Hugging Face hub.")
     ] = False,
 ) -> None:
     """Solve PROBLEM: the model writes Python, a Jupyter kernel runs it, the model answers."""
+    import contextlib
+    import sqlite3
+
+    from tirforge.agent.backends import make_backend
     from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.backends.hf import TransformersBackend
+    from tirforge.agent.backends.openai import ServerUnavailable
+    from tirforge.agent.formats import get_format
     from tirforge.agent.graph import AgentConfig, solve_stream
-    from tirforge.agent.models import ModelNotFoundError, resolve_model
+    from tirforge.agent.models import ModelNotFoundError
     from tirforge.executors import ExecutorConfig, make_executor
     from tirforge.trajectories.schema import Trajectory, append_jsonl
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        with console.status(f"Resolving model {model} ..."):
-            path = resolve_model(model, allow_network=allow_network, log=console.log)
-    except ModelNotFoundError as e:
+        fmt = get_format(format)
+        cfg = AgentConfig(
+            format=format, decompose=decompose, max_turns=max_turns, max_tokens=max_tokens,
+            max_time_s=max_time, cell_timeout=timeout,
+            sampling=SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            ),
+        )
+        cfg.decomposes  # noqa: B018 - raises early if the format cannot decompose
+        with console.status(f"Loading {model} ({backend}) ..."):
+            t_load = time.perf_counter()
+            model_backend = make_backend(
+                backend, model, base_url=base_url, api_key_env=api_key_env,
+                tokenizer=tokenizer, allow_network=allow_network, log=console.log,
+            )
+    except (ModelNotFoundError, ValueError, ImportError, ServerUnavailable) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    with console.status(f"Loading {path} ..."):
-        backend = TransformersBackend(path)
-    console.log(f"model loaded in {backend.load_s:.1f}s ({backend.device})")
-    cfg = AgentConfig(
-        max_turns=max_turns,
-        cell_timeout=timeout,
-        sampling=SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-        ),
-    )
+    console.log(f"{backend} backend ready in {time.perf_counter() - t_load:.1f}s")
     console.print(Panel(Text(problem), title="problem", border_style="cyan"))
     t0 = time.perf_counter()
     traj: Trajectory | None = None
     exec_cfg = ExecutorConfig(
         backend=executor, timeout=timeout, sandbox=sandbox, memory_mb=memory_mb
     )
-    try:
-        with console.status(f"Starting a {executor} kernel ..."):
-            kernel = make_executor(exec_cfg)
-            kernel.start()
-    except Exception as e:  # no Docker daemon, no image, no bwrap: say how to fix it
-        console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
-        raise typer.Exit(2) from None
-    with kernel:
+    kernel = None
+    if fmt.uses_tools:
+        try:
+            with console.status(f"Starting a {executor} kernel ..."):
+                kernel = make_executor(exec_cfg)
+                kernel.start()
+        except Exception as e:  # no Docker daemon, no image, no bwrap: say how to fix it
+            console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
+            raise typer.Exit(2) from None
+    checkpointer = None
+    with contextlib.ExitStack() as stack:
+        if kernel is not None:
+            stack.enter_context(kernel)
+        if session_db is not None:
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            conn = stack.enter_context(
+                contextlib.closing(sqlite3.connect(session_db, check_same_thread=False))
+            )
+            checkpointer = SqliteSaver(conn)
+            thread_id = thread_id or "default"
         status = console.status("thinking ...")
         status.start()
         try:
             for node, item in solve_stream(
-                problem, backend, kernel, cfg, reference=answer, model_name=model
+                problem, model_backend, kernel, cfg, reference=answer,
+                model_name=model or backend, checkpointer=checkpointer, thread_id=thread_id,
             ):
                 if isinstance(item, Trajectory):
                     traj = item
                     continue
+                if node == "event":
+                    if item["kind"] == "step_started":
+                        status.update("running code ..." if item["node"] == "execute"
+                                      else "thinking ...")
+                    continue
                 steps = item.get("steps")
-                if node == "generate" and steps:
+                if node in ("generate", "decompose") and steps:
                     _print_step(steps[-1], len(steps))
-                    status.update("running code ..." if steps[-1].code else "thinking ...")
                 elif node == "execute" and steps:
                     _print_output(steps[-1])
-                    status.update("thinking ...")
                 elif node == "reflect" and steps:
                     console.print(Text(f"↻ {steps[-1].feedback.strip()}", style="yellow"))
+        except ServerUnavailable as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
         finally:
             status.stop()
     assert traj is not None
@@ -150,6 +224,64 @@ def solve(
     if out is not None:
         append_jsonl(out, traj)
         console.print(f"trajectory appended to {out}")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="Alias (smollm2), local folder, hub id, or the "
+                                       "served model name with --backend openai.")] = "smollm2",
+    backend: Annotated[str, typer.Option(help="transformers, openai or vllm.")] = "transformers",
+    base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
+        "OPENAI_API_KEY"
+    ),
+    executor: Annotated[str, typer.Option(help="Where code runs: local or docker.")] = "local",
+    sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap or none.")] = "auto",
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    max_sessions: Annotated[int, typer.Option(help="Browser sessions (kernels) at once.")] = 4,
+    format: Annotated[str, typer.Option("--format", help="qwen-tir, qwen-cot or dotamath.")] = (
+        "qwen-tir"
+    ),
+    max_turns: Annotated[int, typer.Option(help="Model turns per question at most.")] = 6,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per model turn at most.")] = 512,
+    timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 30.0,
+    db: Annotated[Path | None, typer.Option(help="SQLite file keeping conversations.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Benchmark data for the examples.")] = Path(
+        "../shared/data"
+    ),
+    allow_network: Annotated[bool, typer.Option(help="Allow hub downloads of --model.")] = False,
+) -> None:
+    """Serve the chat app: type a problem, watch the model write and run code, and answer."""
+    from tirforge.agent.backends import make_backend
+    from tirforge.agent.backends.base import Backend, SamplingParams
+    from tirforge.agent.graph import AgentConfig
+    from tirforge.apps.chat import ChatConfig, ChatServer, benchmark_examples, build_app
+    from tirforge.executors import ExecutorConfig
+
+    if not allow_network:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    def load() -> Backend:
+        return make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
+                            allow_network=allow_network)
+
+    server = ChatServer(
+        load,
+        ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout),
+        AgentConfig(format=format, max_turns=max_turns, cell_timeout=timeout,
+                    sampling=SamplingParams(max_new_tokens=max_new_tokens)),
+        ChatConfig(host=host, port=port, max_sessions=max_sessions,
+                   db_path=str(db) if db else None, examples=benchmark_examples(data_dir)),
+        model_name=model,
+    )
+    print(f"tirforge chat on http://{host}:{port} (the model loads in the background)")
+    try:
+        build_app(server).queue().launch(
+            server_name=host, server_port=port, ssr_mode=False, quiet=True
+        )
+    finally:
+        server.close()
 
 
 def main() -> None:  # pragma: no cover - `python -m tirforge.apps.cli`

@@ -18,6 +18,9 @@ class Executor(Protocol):
     def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
         """Run one cell; never raises for anything the cell does."""
 
+    def interrupt(self) -> None:
+        """Interrupt the running cell from another thread (a user pressed Stop)."""
+
     def reset(self) -> bool:
         """Forget all user state. Fast namespace reset when healthy; restart otherwise.
         Returns True if the kernel had to be restarted."""

@@ -271,6 +271,12 @@ class KernelExecutor:
         res.duration_s = time.monotonic() - t0
         return res
 
+    def interrupt(self) -> None:
+        """Interrupt the running cell (KeyboardInterrupt inside it); safe from another thread
+        and a no-op when no kernel runs. The cell's ``run`` returns with the error."""
+        if self.kc is not None:
+            self._interrupt()
+
     def _interrupt(self) -> None:
         assert self.kc is not None
         msg = self.kc.session.msg("interrupt_request", content={})

@@ -51,6 +51,18 @@ def test_timeout_interrupts_and_keeps_state(make_kernel):
     assert k.run("keep_me").result == "'still here'"
 
 
+def test_interrupt_from_another_thread(make_kernel):
+    import threading
+
+    k = make_kernel()
+    k.run("keep_me = 1")
+    threading.Timer(1.0, k.interrupt).start()
+    r = k.run("import time\ntime.sleep(30)", timeout=20)
+    assert r.error_name == "KeyboardInterrupt" and not r.timed_out and not r.restarted
+    assert r.duration_s < 10
+    assert k.run("keep_me").result == "1"
+
+
 def test_death_is_reported_and_recovered(make_kernel):
     k = make_kernel()
     k.run("x = 1")

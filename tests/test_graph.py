@@ -141,3 +141,117 @@ def test_parse_code_block_variants():
     assert fmt.find_code_block("```python\nx = '```'\n") is None  # fence inside a string
     assert fmt.has_open_code_block("text ```python\nx=1")
     assert not fmt.has_open_code_block("```python\nx=1\n```")
+
+
+# -- formats, budgets, reflect policy, events, checkpoints ------------------------------------
+from tirforge.agent.formats import get_format  # noqa: E402
+from tirforge.agent.graph import solve_stream  # noqa: E402
+
+
+def test_format_is_recorded_and_prompts_differ(kernel):
+    for name in ("qwen-tir", "qwen-cot", "dotamath"):
+        traj, backend = run(["plan" if name == "dotamath" else "\\boxed{2870}", "\\boxed{2870}"],
+                            kernel, format=name)
+        assert traj.format == name
+        assert backend.calls[0].messages[0]["content"] == get_format(name).system_prompt
+
+
+def test_cot_never_runs_code():
+    # No executor at all: qwen-cot must not need one, and code in its text is only prose.
+    backend = ReplayBackend([CODE + "\nSo \\boxed{2870}."])
+    traj = solve("q", backend, None, AgentConfig(format="qwen-cot"), reference="2870")
+    assert traj.code_cells == [] and traj.verdict == "correct"
+    assert backend.calls[0].stop is None
+
+
+def test_code_without_executor_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="no executor"):
+        solve("q", ReplayBackend([CODE]), None)
+
+
+def test_dotamath_decomposes_first(kernel):
+    plan = " sum the squares\n2. report it\n\n```python\nprint(0)\n```"
+    traj, backend = run([plan, CODE, "\\boxed{2870}"], kernel, format="dotamath")
+    dm = get_format("dotamath")
+    first = traj.steps[0]
+    assert first.text == dm.decompose_prompt + " sum the squares\n2. report it"
+    assert first.code is None and first.feedback == dm.after_decompose
+    assert backend.calls[0].prefix == dm.decompose_prompt
+    assert backend.calls[1].prefix == dm.render_prefix([first])
+    assert traj.steps[1].output.strip() == "2870" and traj.verdict == "correct"
+
+
+def test_dotamath_decomposition_off(kernel):
+    traj, backend = run([CODE, "\\boxed{2870}"], kernel, format="dotamath", decompose=False)
+    assert backend.calls[0].prefix == "" and traj.steps[0].code is not None
+
+
+def test_decompose_needs_a_format_that_has_it(kernel):
+    with pytest.raises(ValueError, match="no decomposition"):
+        run([CODE], kernel, format="qwen-tir", decompose=True)
+
+
+def test_dotamath_self_corrects_after_error(kernel):
+    bad = "```python\nprint(1/0)\n```"
+    traj, backend = run(["plan", bad, CODE, "\\boxed{2870}"], kernel, format="dotamath")
+    dm = get_format("dotamath")
+    assert traj.steps[1].execution.error_name == "ZeroDivisionError"
+    assert traj.steps[1].feedback == dm.feedback["error"]
+    assert backend.calls[2].prefix.endswith(dm.feedback["error"])
+    assert traj.final_answer == "2870"
+
+
+def test_timeout_then_restart_then_reflect():
+    with LocalKernelExecutor(timeout=10) as k:
+        slow = "```python\nimport time\ntime.sleep(30)\n```"
+        die = "```python\nimport os\nx = 5\nos._exit(1)\n```"
+        uses_x = "```python\nprint(x)\n```"
+        traj, backend = run([slow, die, uses_x, CODE, "\\boxed{2870}"], k, cell_timeout=1.0)
+    kinds = [s.feedback for s in traj.steps[:3]]
+    assert kinds == [fmt.REFLECT_TIMEOUT + "\n", fmt.REFLECT_RESTART + "\n",
+                     fmt.REFLECT_ERROR + "\n"]
+    assert traj.steps[0].execution.timed_out
+    assert traj.steps[1].execution.restarted
+    assert traj.steps[2].execution.error_name == "NameError"  # x died with the kernel
+    assert traj.verdict == "correct" and traj.stop_reason == "answer"
+
+
+def test_reflect_policy_is_config(kernel):
+    bad = "```python\nprint(undefined_name)\n```"
+    traj, _ = run([bad, CODE, "\\boxed{2870}"], kernel, reflect_on=())
+    assert traj.steps[0].feedback is None and traj.final_answer == "2870"
+    silent = "```python\ny = 1\n```"
+    traj, _ = run([silent, CODE, "\\boxed{2870}"], kernel,
+                  reflect_on=("empty_output",))
+    assert traj.steps[0].feedback == get_format("qwen-tir").feedback["empty_output"]
+    traj, _ = run([bad, bad, CODE, "\\boxed{2870}"], kernel, max_reflections=1)
+    assert [s.feedback is not None for s in traj.steps] == [True, False, False, False]
+
+
+def test_token_budget(kernel):
+    many = "Let me compute this carefully.\n```python\nprint(1)\n```"  # 6 replay "tokens"
+    traj, backend = run([many] * 5, kernel, max_tokens=10)
+    assert len(traj.steps) == 2 and traj.stop_reason == "max_tokens"
+    assert traj.steps[1].execution is not None  # the last turn still ran its code
+
+
+def test_time_budget(kernel):
+    slow = "```python\nimport time\ntime.sleep(0.3)\n```"
+    traj, _ = run([slow] * 5, kernel, max_time_s=0.5)
+    assert len(traj.steps) == 2 and traj.stop_reason == "max_time"
+
+
+def test_stream_emits_typed_events(kernel):
+    bad = "```python\nprint(undefined_name)\n```"
+    items = list(solve_stream("q", ReplayBackend([bad, CODE, "\\boxed{2870}"]), kernel))
+    events = [e for n, e in items if n == "event"]
+    kinds = [e["kind"] for e in events]
+    assert kinds == [
+        "step_started", "code", "step_started", "output", "reflection",
+        "step_started", "code", "step_started", "output",
+        "step_started", "answer",
+    ]
+    assert events[-1]["text"] == "2870" and "NameError" in events[3]["text"]
+    nodes = [n for n, _ in items if n not in ("event", "trajectory")]
+    assert nodes == ["generate", "execute", "reflect", "generate", "execute", "generate",
+                     "finish"]

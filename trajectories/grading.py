@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from enum import StrEnum
 from fractions import Fraction
 from functools import lru_cache
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 __all__ = [
     "Verdict",
@@ -46,6 +45,8 @@ class Verdict(StrEnum):
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 # "#### 18" but not a markdown heading such as "#### Step 1": the answer starts with a number.
 _GSM8K_RE = re.compile(r"####[ \t]*(\$?[ \t]*[-+]?\.?\d[^\n]*)")
+# OpenAI's GSM8K model solutions end on a line "A: 18" (a number, so prose "A: ..." is left alone).
+_A_LINE_RE = re.compile(r"\n[ \t]*A:[ \t]*(\$?[ \t]*[-+]?\.?\d[^\n]*?)[ \t]*\Z")
 _ANSWER_IS_RE = re.compile(r"(?:final answer|the answer)\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
 
 
@@ -101,8 +102,8 @@ def _answer_after(rest: str) -> str:
 def extract_answer(text: str | None) -> str | None:
     """The final answer in a model response, or None.
 
-    Priority: last ``\\boxed{}``; else GSM8K-style ``#### N``; else "the answer is X" /
-    "final answer is X" (last occurrence).
+    Priority: last ``\\boxed{}``; else GSM8K-style ``#### N``; else a closing "A: N" line (OpenAI's
+    GSM8K solutions); else "the answer is X" / "final answer is X" (last occurrence).
     """
     if not text:
         return None
@@ -112,6 +113,8 @@ def extract_answer(text: str | None) -> str | None:
     hashes = _GSM8K_RE.findall(text)
     if hashes and hashes[-1].strip():
         return hashes[-1].strip()
+    if m := _A_LINE_RE.search("\n" + text.rstrip()):
+        return m.group(1).strip()
     said = list(_ANSWER_IS_RE.finditer(text))
     if said:
         return _answer_after(text[said[-1].end() :]) or None
@@ -125,6 +128,8 @@ def reference_answer(solution: str) -> str:
     else is taken as the answer itself.
     """
     hashes = _GSM8K_RE.findall(solution)
+    if not hashes and (m := _A_LINE_RE.search("\n" + solution.rstrip())):
+        hashes = [m.group(1)]
     if hashes:
         return hashes[-1].strip().replace(",", "").replace("$", "").strip()
     boxed = extract_boxed(solution)
@@ -141,6 +146,10 @@ _BARE_UNIT_RE = re.compile(
     r"^(.*\d)\s+(?:dollars?|cents?|degrees?|hours?|minutes?|seconds?|days?|years?|"
     r"(?:square\s+|sq\.?\s+)?(?:units?|cm|m|km|mm|in|ft|inches|feet|meters?|miles?|yards?)"
     r"(?:\^2|\^3)?)$"
+)
+# "12 eggs", "3.5 liters": a plain number then words is a number with a unit (GSM8K answers).
+_WORD_UNIT_RE = re.compile(
+    r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+(?!(?:sqrt|times|cdot|mod|pi)\b)[a-zA-Z]{3,}[a-zA-Z\s\-/]*$"
 )
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGN_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:=|\\in(?![a-zA-Z]))([^=]+)$")
@@ -166,6 +175,7 @@ def normalize(ans: str) -> str:
     s = s.strip().rstrip(".").strip()
     s = _TEXT_UNIT_RE.sub(r"\1", s)
     s = _BARE_UNIT_RE.sub(r"\1", s)
+    s = _WORD_UNIT_RE.sub(r"\1", s)
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)  # \text{(C)} -> (C)
     s = s.replace("\\{", "{").replace("\\}", "}")
     # Drop whitespace, but keep "\pi r" from turning into the unknown command "\pir".
@@ -217,9 +227,28 @@ def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool], percent: 
     return False
 
 
+_TIMEOUT_S = 5
+"""Seconds math-verify may spend on one answer (parse + compare)."""
+
+
 def _timeout() -> int | None:
     # math-verify times out with signal.alarm, which only works in the main thread.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    return _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _with_timeout(fn: Callable[[], bool | None]) -> bool | None:
+    """``fn()`` with the per-answer timeout in any thread (collect grades in worker threads).
+
+    Off the main thread signal.alarm is unavailable, so ``fn`` runs in a daemon thread that is
+    abandoned after ``_TIMEOUT_S`` (sympy cannot be interrupted); a timeout counts as unequal.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(fn()), daemon=True, name="math-verify")
+    worker.start()
+    worker.join(_TIMEOUT_S)
+    return box[0] if box else False  # timed out, or fn raised (it guards itself; be safe)
 
 
 @lru_cache(maxsize=8192)
@@ -227,6 +256,10 @@ def _mv_parse(ans: str) -> tuple:
     """math-verify parse of a bare answer (wrapped as inline LaTeX); cached: references repeat."""
     if len(ans) > _MAX_VERIFY_CHARS:
         return ()
+    # Imported here: math-verify pulls in sympy and antlr (~1 s), which the fast path and
+    # every CLI start-up can do without.
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
     latex = "$" + re.sub(r"(?<!\\)\$", "", ans) + "$"
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
     return tuple(parse(latex, extraction_config=config, parsing_timeout=_timeout()))
@@ -240,15 +273,22 @@ def _judge(pred: str, ref: str) -> bool | None:
     num_pred, num_ref = _to_number(norm_pred), _to_number(norm_ref)
     if num_pred is not None and num_ref is not None:
         return _numbers_equal(num_pred, num_ref, percent="%" in pred + ref)
+    return _with_timeout(lambda: _symbolic(pred, ref, num_pred is not None))
+
+
+def _symbolic(pred: str, ref: str, pred_is_number: bool) -> bool | None:
+    """The slow path: math-verify (LaTeX -> sympy) on both sides."""
     # A grader must never crash a pipeline: a parse that errors is "unparseable", a comparison
     # that errors is "not equal".
     try:
         target = _mv_parse(pred)
     except Exception:
         target = ()
-    if num_pred is None and all(isinstance(t, str) for t in target):
+    if not pred_is_number and all(isinstance(t, str) for t in target):
         return None  # math-verify found nothing, or only fell back to the raw string
     try:
+        from math_verify import verify
+
         gold = _mv_parse(ref)
         return bool(
             gold and target and verify(list(gold), list(target), timeout_seconds=_timeout())

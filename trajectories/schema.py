@@ -16,7 +16,9 @@ from pydantic import BaseModel, Field
 
 from tirforge.executors.result import ExecutionResult
 
-StopReason = Literal["answer", "max_turns", "no_answer", "unclosed_code", "error"]
+StopReason = Literal[
+    "answer", "max_turns", "max_tokens", "max_time", "no_answer", "unclosed_code", "error"
+]
 
 
 class Step(BaseModel):
@@ -48,6 +50,12 @@ class Trajectory(BaseModel):
     """Id of the problem in its dataset (e.g. ``gsm8k/test/17``), if it came from one."""
     reference: str | None = None
     """Reference (gold) answer, if known."""
+    sample: int | None = None
+    """Index of this attempt among the samples drawn for the problem (collection key)."""
+    config_hash: str | None = None
+    """Hash of the model + agent settings that produced it (collection key, see store.py)."""
+    score: float | None = None
+    """Reward-model score, when one was computed (``tirforge select --min-score``)."""
     messages: list[dict] = Field(default_factory=list)
     """The chat prompt the model was given (system and user turns), before the assistant's
     steps: with ``steps`` it reproduces the exact model input, which training needs."""

@@ -20,6 +20,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     """Seed for sampling; fixed seed + same backend gives the same text."""
+    n: int = 1
+    """Samples per request: ``generate`` returns ``len(requests) * n`` completions, the samples
+    of one request next to each other."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -37,6 +40,10 @@ class Request:
     prefix: str = ""
     stop: Callable[[str], bool] | None = None
     """Called on the text generated so far; True ends the turn (e.g. a code block closed)."""
+    stop_strings: tuple[str, ...] = ()
+    """The same stop as plain strings, for engines and servers that take only strings."""
+    on_text: Callable[[str], None] | None = None
+    """Receives new text as it is generated, for backends that can stream (else unused)."""
 
 
 @dataclass

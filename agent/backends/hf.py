@@ -12,23 +12,27 @@ from tirforge.agent.backends.base import Completion, Request, SamplingParams
 
 
 class _StopWhen(StoppingCriteria):
-    """Per-row stop check on the decoded continuation (e.g. "a ```python block has closed").
+    """Per-row stop check on the decoded continuation (e.g. "a ```python block has closed"),
+    which also streams new text to ``Request.on_text``.
 
-    Decoding costs little next to a forward pass, but we only decode rows whose newest tokens
-    contain a backtick, since every stop condition we use ends in a code fence.
+    Decoding a few hundred tokens costs little next to a forward pass; rows without a stop
+    condition or a listener are never decoded.
     """
 
     def __init__(self, tokenizer, prompt_len: int, requests: list[Request]):
         self.tok, self.prompt_len, self.requests = tokenizer, prompt_len, requests
+        self.sent = [0] * len(requests)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i, req in enumerate(self.requests):
-            if req.stop is None:
+            if req.stop is None and req.on_text is None:
                 continue
-            tail = self.tok.decode(input_ids[i, -4:], skip_special_tokens=True)
-            if "`" in tail:
-                text = self.tok.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
+            text = self.tok.decode(input_ids[i, self.prompt_len :], skip_special_tokens=True)
+            if req.on_text is not None and len(text) > self.sent[i]:
+                req.on_text(text[self.sent[i] :])
+                self.sent[i] = len(text)
+            if req.stop is not None:
                 done[i] = req.stop(text)
         return done
 
@@ -69,6 +73,8 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        if params.n > 1:  # samples of one request sit next to each other
+            requests = [r for r in requests for _ in range(params.n)]
         prompts = [self.render(r) for r in requests]
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=False

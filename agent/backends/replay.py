@@ -17,10 +17,17 @@ class ReplayExhausted(RuntimeError):
 class ReplayBackend:
     name = "replay"
 
-    def __init__(self, turns: list[str]):
-        self.turns = list(turns)
+    def __init__(self, turns: list[str] | dict[str, list[str]]):
+        """``turns``: one script, or a script per problem (matched as the start of the user
+        turn), so that many concurrent trajectories can each replay their own."""
+        self.scripts = (
+            {k: list(v) for k, v in turns.items()} if isinstance(turns, dict) else None
+        )
+        self.turns = [] if isinstance(turns, dict) else list(turns)
         self.calls: list[Request] = []
         """Every request received, for inspection (what the model would have seen)."""
+        self.batch_sizes: list[int] = []
+        """Requests per ``generate`` call (how well a runner batched them)."""
 
     @classmethod
     def from_trajectory(cls, traj: Trajectory) -> ReplayBackend:
@@ -28,11 +35,22 @@ class ReplayBackend:
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         out = []
+        self.batch_sizes.append(len(requests))
         for req in requests:
-            if not self.turns:
+            turns = self._script(req)
+            if not turns:
                 raise ReplayExhausted(f"script exhausted after {len(self.calls)} turns")
             self.calls.append(req)
-            text = self.turns.pop(0)
+            text = turns.pop(0)
             reason = "stop" if req.stop is not None and req.stop(text) else "eos"
             out.append(Completion(text=text, finish_reason=reason, n_tokens=len(text.split())))
         return out
+
+    def _script(self, req: Request) -> list[str]:
+        if self.scripts is None:
+            return self.turns
+        user = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
+        for problem, turns in self.scripts.items():
+            if user.startswith(problem):
+                return turns
+        raise ReplayExhausted(f"no script for problem {user[:60]!r}")

@@ -1,0 +1,167 @@
+"""OpenAI-compatible server backend: ``vllm serve``, ``transformers serve``, SGLang, ...
+
+Multi-turn TIR needs the model to continue the assistant's text *exactly*. The completions
+endpoint does that: we render the chat template here (with the model's tokenizer) and send
+template + prefix as a raw prompt. Without a tokenizer, or on a server without completions, the
+chat endpoint is used with the prefix as a final assistant message that the server is asked to
+continue (``continue_final_message``, honoured by vLLM and SGLang).
+
+Requests of one batch are sent concurrently (at most ``max_concurrency`` at a time); transient
+failures (connection refused, timeouts, 429, 5xx) are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import openai
+
+from tirforge.agent.backends.base import Completion, Request, SamplingParams
+
+Endpoint = Literal["auto", "completions", "chat"]
+_TRANSIENT = (
+    openai.APIConnectionError,  # includes APITimeoutError
+    openai.RateLimitError,
+    openai.InternalServerError,
+)
+
+
+class ServerUnavailable(RuntimeError):
+    """The server could not be reached (or kept failing) after every retry."""
+
+
+class OpenAIBackend:
+    """Continue partial chats on any OpenAI-compatible server."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        tokenizer: str | None = None,
+        endpoint: Endpoint = "auto",
+        max_concurrency: int = 16,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        timeout_s: float = 300.0,
+    ):
+        """``model``: the served model name (None: the server's first model). ``tokenizer``: a
+        local path or id whose chat template matches the served model (None: try ``model``);
+        needed for the completions endpoint."""
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s
+        )
+        self.base_url, self.endpoint = base_url, endpoint
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self._threads = ThreadPoolExecutor(max_concurrency, thread_name_prefix="openai")
+        self.model = model or self._retry(lambda: self.client.models.list().data[0].id)
+        self.template = self._load_template(tokenizer or self.model) if endpoint != "chat" else None
+        if endpoint == "completions" and self.template is None:
+            raise ValueError(
+                f"the completions endpoint needs the chat template: pass tokenizer= (a local "
+                f"path or hub id of {self.model!r}'s tokenizer)"
+            )
+
+    @staticmethod
+    def _load_template(name: str) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):
+            return None
+        return tok if tok.chat_template else None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _retry(self, call):
+        delay = self.backoff_s
+        for attempt in range(self.max_retries + 1):
+            try:
+                return call()
+            except _TRANSIENT as e:
+                if attempt == self.max_retries:
+                    raise ServerUnavailable(
+                        f"OpenAI-compatible server at {self.base_url} failed "
+                        f"{self.max_retries + 1} times ({type(e).__name__}: {e}); is it running?"
+                    ) from e
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _sampling(self, params: SamplingParams, stop: tuple[str, ...]) -> dict:
+        kw: dict[str, Any] = {
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.seed is not None:
+            kw["seed"] = params.seed
+        if stop:
+            kw["stop"] = list(stop)
+        return kw
+
+    def _finish(self, req: Request, text: str, reason: str | None, n_tokens: int) -> Completion:
+        if req.stop is not None and req.stop(text):
+            why = "stop"
+        else:
+            why = "length" if reason == "length" else "eos"
+        if req.on_text is not None and text:
+            req.on_text(text)  # no token streaming over HTTP here: one chunk per turn
+        return Completion(text=text, finish_reason=why, n_tokens=n_tokens,
+                          extra={"endpoint": self.endpoint_used})
+
+    # -- endpoints --------------------------------------------------------------------------
+    @property
+    def endpoint_used(self) -> str:
+        return "completions" if self.template is not None else "chat"
+
+    def _one(self, req: Request, params: SamplingParams) -> Completion:
+        kw = self._sampling(params, req.stop_strings)
+        if self.template is not None:
+            try:
+                return self._complete(req, kw)
+            except openai.NotFoundError:
+                if self.endpoint == "completions":
+                    raise
+                self.template = None  # "auto" on a chat-only server: use chat from now on
+        return self._chat(req, kw)
+
+    def _complete(self, req: Request, kw: dict) -> Completion:
+        head = self.template.apply_chat_template(
+            req.messages, add_generation_prompt=True, tokenize=False
+        )
+        r = self._retry(lambda: self.client.completions.create(
+            model=self.model, prompt=head + req.prefix, **kw))
+        choice = r.choices[0]
+        n = r.usage.completion_tokens if r.usage else 0
+        return self._finish(req, choice.text, choice.finish_reason, n)
+
+    def _chat(self, req: Request, kw: dict) -> Completion:
+        messages, extra = list(req.messages), None
+        if req.prefix:
+            messages.append({"role": "assistant", "content": req.prefix})
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+        r = self._retry(lambda: self.client.chat.completions.create(
+            model=self.model, messages=messages, extra_body=extra, **kw))
+        choice = r.choices[0]
+        n = r.usage.completion_tokens if r.usage else 0
+        return self._finish(req, choice.message.content or "", choice.finish_reason, n)
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        # Samples are separate calls (not every server implements ``n``), each with its seed.
+        jobs = [
+            (r, params if params.n == 1 and i == 0 else SamplingParams(
+                **{**params.as_dict(), "n": 1,
+                   "seed": None if params.seed is None else params.seed + i}))
+            for r in requests for i in range(params.n)
+        ]
+        return list(self._threads.map(lambda job: self._one(*job), jobs))
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False)
+        self.client.close()

@@ -1,0 +1,211 @@
+"""Many trajectories at once: one event loop, one micro-batched backend, a pool of kernels.
+
+Every trajectory is an instance of the same compiled graph (``build_async_graph``). When its
+``generate`` node runs it puts a request on the ``MicroBatcher`` queue and waits; the batcher sends
+whatever is queued to the backend as one batch, as soon as every trajectory that could still add
+to it is waiting (or ``max_wait_ms`` has passed). Kernel cells run in worker threads meanwhile, so
+execution of some trajectories overlaps generation for others.
+
+``run_many`` is the synchronous entry point for collection, evaluation and RL rollouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
+from tirforge.agent.graph import AgentConfig, build_async_graph, initial_state, run_config
+from tirforge.agent.graph import to_trajectory as _to_trajectory
+from tirforge.executors.pool import KernelPool
+from tirforge.trajectories.schema import Trajectory
+
+Problem = str | Mapping[str, Any]
+"""A problem text, or a mapping with "problem" and optionally "reference" (or "answer") and
+"problem_id" (or "id")."""
+Progress = Callable[[int, int, Trajectory], None]
+"""Called as (finished, total, trajectory) after each trajectory ends."""
+
+
+@dataclass
+class RunnerConfig:
+    """How many trajectories run at once and how model calls are batched."""
+
+    max_concurrency: int = 64
+    """Trajectories in flight at most (also capped by the kernel pool's size)."""
+    max_batch: int = 32
+    """Requests per backend call at most."""
+    max_wait_ms: float = 50.0
+    """How long a batch may wait for more requests while some trajectories are still busy
+    elsewhere (running a cell); it leaves at once when every live trajectory is waiting."""
+    max_inflight_batches: int = 1
+    """Backend calls at once: 1 for a local model (it uses the whole device), more for a
+    server, which batches by itself."""
+    samples: int = 1
+    """Trajectories per problem; sample i uses seed ``sampling.seed + i`` when a seed is set."""
+
+
+class MicroBatcher:
+    """An asyncio queue in front of a backend that turns single requests into batches."""
+
+    def __init__(self, backend: Backend, cfg: RunnerConfig, live: Callable[[], int]):
+        self.backend, self.cfg, self.live = backend, cfg, live
+        self.queue: asyncio.Queue[tuple[Request, SamplingParams, asyncio.Future]] = (
+            asyncio.Queue()
+        )
+        self.batches: list[int] = []
+        """Size of every batch sent, for inspection and benchmarks."""
+        self._threads = ThreadPoolExecutor(cfg.max_inflight_batches, thread_name_prefix="model")
+        self._slots = asyncio.Semaphore(cfg.max_inflight_batches)
+        self._task: asyncio.Task | None = None
+
+    async def generate(self, req: Request, params: SamplingParams) -> Completion:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((req, params, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self.queue.get()
+            # Wait for the backend first: requests pile up while it is busy, and all of them
+            # go out together (otherwise trajectories drift into small alternating batches).
+            await self._slots.acquire()
+            batch = [first]
+            deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+            while len(batch) < min(self.cfg.max_batch, max(1, self.live())):
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), left)
+                    except TimeoutError:
+                        break
+                batch.append(item)
+            asyncio.create_task(self._send(batch))
+
+    async def _send(self, batch: list) -> None:
+        try:
+            # Requests with different sampling settings cannot share one backend call.
+            groups: dict[tuple, list] = {}
+            for item in batch:
+                groups.setdefault(tuple(sorted(item[1].as_dict().items())), []).append(item)
+            loop = asyncio.get_running_loop()
+            for items in groups.values():
+                self.batches.append(len(items))
+                reqs, params = [i[0] for i in items], items[0][1]
+                try:
+                    outs = await loop.run_in_executor(
+                        self._threads, self.backend.generate, reqs, params
+                    )
+                except Exception as e:  # every waiting trajectory gets the error
+                    for *_, fut in items:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (*_, fut), out in zip(items, outs, strict=True):
+                    if not fut.done():
+                        fut.set_result(out)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _unpack(p: Problem) -> tuple[str, str | None, str | None]:
+    if isinstance(p, str):
+        return p, None, None
+    ref = p.get("reference", p.get("answer"))
+    pid = p.get("problem_id", p.get("id"))
+    return p["problem"], None if ref is None else str(ref), None if pid is None else str(pid)
+
+
+async def arun_many(
+    problems: Sequence[Problem],
+    backend: Backend,
+    pool: KernelPool | None,
+    config: AgentConfig | None = None,
+    runner: RunnerConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    model_name: str = "",
+) -> list[Trajectory]:
+    """Solve every problem (``runner.samples`` times each); trajectories come back in input
+    order, samples of one problem next to each other."""
+    cfg, rcfg = config or AgentConfig(), runner or RunnerConfig()
+    tools = cfg.fmt.uses_tools
+    if tools and pool is None:
+        raise ValueError(f"format {cfg.format!r} runs code: give a KernelPool")
+    width = min(rcfg.max_concurrency, pool.size if tools and pool else rcfg.max_concurrency)
+    jobs = [(p, i) for p in problems for i in range(rcfg.samples)]
+    state = {"live": 0, "done": 0}
+    # Every live trajectory may join the next batch (cells are short next to a model call).
+    batcher = MicroBatcher(backend, rcfg, lambda: state["live"])
+    cells = ThreadPoolExecutor(max(1, width), thread_name_prefix="cell")
+
+    async def arun(kernel: Any, code: str, timeout: float):
+        return await asyncio.get_running_loop().run_in_executor(cells, kernel.run, code, timeout)
+
+    graphs: dict[int | None, Any] = {}  # one compiled graph per sampling seed
+    gate = asyncio.Semaphore(max(1, width))
+    name = model_name or getattr(backend, "name", "")
+
+    async def one(problem: Problem, sample: int) -> Trajectory:
+        text, ref, pid = _unpack(problem)
+        c = cfg
+        if cfg.sampling.seed is not None and sample:
+            c = replace(cfg, sampling=replace(cfg.sampling, seed=cfg.sampling.seed + sample))
+        graph = graphs.get(c.sampling.seed)
+        if graph is None:
+            graph = graphs[c.sampling.seed] = build_async_graph(batcher.generate, arun, c)
+        async with gate:
+            state["live"] += 1
+            t0 = time.perf_counter()
+            try:
+                if tools:
+                    async with pool.akernel() as kernel:
+                        final = await graph.ainvoke(initial_state(text, c), run_config(c, kernel))
+                else:
+                    final = await graph.ainvoke(initial_state(text, c), run_config(c))
+            finally:
+                state["live"] -= 1
+        traj = _to_trajectory(final, c, reference=ref, problem_id=pid, model_name=name,
+                              total_s=time.perf_counter() - t0)
+        state["done"] += 1
+        if progress is not None:
+            progress(state["done"], len(jobs), traj)
+        return traj
+
+    try:
+        return list(await asyncio.gather(*(one(p, i) for p, i in jobs)))
+    finally:
+        batcher.close()
+        cells.shutdown(wait=False)
+
+
+def run_many(
+    problems: Sequence[Problem],
+    backend: Backend,
+    pool: KernelPool | None,
+    config: AgentConfig | None = None,
+    runner: RunnerConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    model_name: str = "",
+) -> list[Trajectory]:
+    """Synchronous ``arun_many``: solve many problems concurrently with batched model calls."""
+    return asyncio.run(
+        arun_many(problems, backend, pool, config, runner, progress=progress,
+                  model_name=model_name)
+    )

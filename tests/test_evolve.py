@@ -1,0 +1,80 @@
+"""Query evolution end to end on the replay backend, consensus labels from real kernel runs."""
+
+import pytest
+
+from tirforge.agent.backends.replay import ReplayBackend
+from tirforge.agent.graph import solve
+from tirforge.apps.data import run_evolve
+from tirforge.executors import ExecutorConfig, KernelPool
+from tirforge.trajectories.datasets import Problem
+from tirforge.trajectories.evolve import (
+    EVOLVE_TYPES,
+    EvolveConfig,
+    build_prompt,
+    evolve,
+    parse_new_problem,
+)
+from tirforge.trajectories.store import Store
+
+SEED = Problem("gsm8k/0", "Tom has 3 apples and buys {2} more. How many?", "5")
+
+
+def test_prompts_live_in_files_and_keep_latex_braces():
+    assert {"change_numbers", "fractions_percent", "add_condition", "combine_concepts",
+            "reverse", "fuzzify", "dotamath_evolve"} <= set(EVOLVE_TYPES)
+    p = build_prompt(SEED, "reverse")
+    assert "buys {2} more" in p and "original problem is 5" in p
+    with pytest.raises(ValueError, match="unknown evolution type"):
+        build_prompt(SEED, "nonsense")
+
+
+def test_parse_new_problem():
+    text = "Sure!\nNew problem: Ann has 4 pens.\nSolution: 4"
+    assert parse_new_problem(text) == "Ann has 4 pens."
+    assert parse_new_problem("**New Question:** What is 7*8?") == "What is 7*8?"
+    assert parse_new_problem("New problem:   ") is None
+
+
+def test_evolve_provenance_and_drops():
+    texts = iter(["New problem: Tom has 7 apples and buys 5 more. How many now?", "", "ok"])
+    new, rep = evolve([SEED], lambda ps: [next(texts) for _ in ps],
+                      EvolveConfig(types=["change_numbers", "add_condition", "reverse"]))
+    assert rep.requested == 3 and rep.produced == 1 and rep.dropped == 2
+    (p,) = new
+    assert p.id == "gsm8k/0/change_numbers/0" and p.reference is None
+    assert p.meta["seed_id"] == "gsm8k/0" and p.meta["type"] == "change_numbers"
+
+
+def test_evolve_then_label_by_consensus_on_replay(tmp_path):
+    rewrites = {  # a phrase of each prompt file -> the "model's" rewrite
+        "change the specific numbers": "New problem: Tom has 7 apples, buys 5 more. How many?",
+        "reverse the problem": "New problem: Tom buys 2 apples and then has 5. How many before?",
+    }
+
+    def generate(prompts):
+        return [next(v for k, v in rewrites.items() if k in p) for p in prompts]
+
+    # The agent really runs code: 7+5 always; for the reverse problem the samples disagree.
+    def solve_one(p, k, kernel):
+        if "7 apples" in p.problem:
+            code = "```python\nprint(7 + 5)\n```"
+            turns = [code, "\\boxed{12}"]
+        else:
+            turns = [f"```python\nprint(5 - {2 + k % 3 // 2})\n```", f"\\boxed{{{3 - k % 3 // 2}}}"]
+        return solve(p.problem, ReplayBackend(turns), kernel)
+
+    with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
+        problems, stats = run_evolve(
+            [SEED], generate, label_samples=3, store=Store(tmp_path / "s"), solve_one=solve_one,
+            lease=pool.lease, release=pool.release, types=["change_numbers", "reverse"],
+            threshold=0.9,
+        )
+    by_type = {p.meta["type"]: p for p in problems}
+    assert by_type["change_numbers"].reference == "12"
+    c = by_type["change_numbers"].meta["consensus"]
+    assert c["votes"] == 3 and c["agreement"] == 1.0 and c["accepted"]
+    # Samples 0,1 answer 3 and sample 2 answers 2: 2/3 < 0.9, so no label, but the vote is kept.
+    rev = by_type["reverse"]
+    assert rev.reference is None and rev.meta["consensus"]["answer"] == "3"
+    assert rev.meta["consensus"]["votes"] == 2 and not rev.meta["consensus"]["accepted"]
+    assert stats["produced"] == 2 and stats["accepted"] == 1

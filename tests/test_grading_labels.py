@@ -1,0 +1,73 @@
+"""Grading against OpenAI's GSM8K labels, GSM8K-style answers and the per-answer timeout."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tirforge.trajectories import grading
+from tirforge.trajectories.datasets import data_root
+from tirforge.trajectories.grading import Verdict, extract_answer, grade, reference_answer
+
+KINDS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+
+
+def test_agrees_with_openai_gsm8k_labels() -> None:
+    path = data_root() / "gsm8k" / "example_model_solutions.jsonl"
+    rows = [json.loads(line) for line in path.open()]
+    disagree, n = [], 0
+    for i, r in enumerate(rows):
+        ref = reference_answer(r["ground_truth"])  # ends on "A: 18", not "#### 18"
+        assert ref.replace(".", "").lstrip("-").isdigit(), (i, ref)
+        for k in KINDS:
+            n += 1
+            ours = grade(r[k]["solution"], ref) == Verdict.correct
+            if ours != r[k]["is_correct"]:
+                disagree.append((i, k))
+    assert n == 5276
+    assert disagree == []  # every disagreement would be a grader bug: each was looked at
+
+
+@pytest.mark.parametrize(
+    "response, reference, verdict",
+    [
+        ("She makes 9 * 2 = $18\nA: 18", "18", "correct"),
+        ("A: 12 eggs", "12", "correct"),
+        ("So the total is\nA: $1,250", "1250", "correct"),
+        ("The answer is 3.5 liters.", "3.5", "correct"),
+        ("The answer is 40%.", "40", "correct"),
+        ("#### 1,000,000", "1000000", "correct"),
+        ("The answer is 5 times", "5", "incorrect"),  # "times" is not a unit
+        ("A: 17", "18", "incorrect"),
+        ("Option A: the first", "18", "no_answer"),  # prose after "A:" is not an answer
+        ("No final line here.", "18", "no_answer"),
+    ],
+)
+def test_gsm8k_style_answers(response: str, reference: str, verdict: str) -> None:
+    assert grade(response, reference) == verdict
+
+
+def test_a_line_must_close_the_text() -> None:
+    assert extract_answer("A: 3\nThen more text") is None
+    assert reference_answer("work\nA: 2,400") == "2400"
+
+
+def test_timeout_applies_off_the_main_thread(monkeypatch) -> None:
+    def hang(pred, ref, is_number):
+        time.sleep(3)
+        return True
+
+    monkeypatch.setattr(grading, "_symbolic", hang)
+    monkeypatch.setattr(grading, "_TIMEOUT_S", 0.2)
+    box: list = []
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=lambda: box.append(grade("\\boxed{x+1}", "1+x")))
+    worker.start()
+    worker.join()
+    assert box == [Verdict.incorrect]  # timed out: counted unequal, never hangs the caller
+    assert time.perf_counter() - t0 < 2
+    # Fast paths never reach math-verify, so they are immune.
+    assert grade("\\boxed{18}", "18.0") == Verdict.correct

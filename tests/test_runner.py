@@ -1,0 +1,76 @@
+"""The asyncio runner: many graph instances, micro-batched model calls, a real kernel pool."""
+
+import time
+
+import pytest
+
+from tirforge.agent.backends.replay import ReplayBackend, ReplayExhausted
+from tirforge.agent.graph import AgentConfig
+from tirforge.agent.runner import RunnerConfig, run_many
+from tirforge.executors import ExecutorConfig, KernelPool
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with KernelPool(ExecutorConfig(backend="local", timeout=10), size=4) as p:
+        yield p
+
+
+def script(i: int, sleep: float = 0.0) -> list[str]:
+    code = f"```python\nimport time\ntime.sleep({sleep})\nv = {i} * {i}\nprint(v)\n```"
+    return [code, f"So \\boxed{{{i * i}}}."]
+
+
+def problems(n: int) -> list[dict]:
+    return [{"problem": f"Problem {i:03d}: square {i}.", "answer": str(i * i), "id": f"t/{i}"}
+            for i in range(n)]
+
+
+def test_many_trajectories_batched(pool):
+    probs = problems(12)
+    backend = ReplayBackend({p["problem"]: script(i) for i, p in enumerate(probs)})
+    seen = []
+    trajs = run_many(probs, backend, pool, AgentConfig(), RunnerConfig(max_wait_ms=500),
+                     progress=lambda done, total, t: seen.append((done, total)))
+    assert [t.problem_id for t in trajs] == [p["id"] for p in probs]  # input order kept
+    assert all(t.verdict == "correct" for t in trajs), [t.verdict for t in trajs]
+    assert [t.steps[0].output.strip() for t in trajs] == [str(i * i) for i in range(12)]
+    assert seen[-1] == (12, 12) and len(seen) == 12
+    # 4 kernels: 4 trajectories at a time, whose model calls went out together.
+    assert max(backend.batch_sizes) == 4
+    assert sum(backend.batch_sizes) == 24
+
+
+def test_kernels_run_while_others_wait(pool):
+    probs = problems(4)
+    backend = ReplayBackend({p["problem"]: script(i, sleep=0.6) for i, p in enumerate(probs)})
+    t0 = time.perf_counter()
+    trajs = run_many(probs, backend, pool)
+    wall = time.perf_counter() - t0
+    assert all(t.verdict == "correct" for t in trajs)
+    assert wall < 4 * 0.6, f"cells did not overlap: {wall:.2f}s"
+
+
+def test_tool_free_format_needs_no_pool():
+    probs = problems(3)
+    backend = ReplayBackend({p["problem"]: [f"\\boxed{{{i * i}}}"] for i, p in enumerate(probs)})
+    trajs = run_many(probs, backend, None, AgentConfig(format="qwen-cot"))
+    assert [t.verdict for t in trajs] == ["correct"] * 3
+    assert all(t.format == "qwen-cot" for t in trajs)
+    assert backend.batch_sizes == [3]
+    with pytest.raises(ValueError, match="KernelPool"):
+        run_many(probs, backend, None, AgentConfig(format="qwen-tir"))
+
+
+def test_samples_get_their_own_seed():
+    backend = ReplayBackend({"p": ["\\boxed{1}", "\\boxed{2}"]})
+    cfg = AgentConfig(format="qwen-cot")
+    cfg.sampling.seed = 7
+    trajs = run_many(["p"], backend, None, cfg, RunnerConfig(samples=2))
+    assert sorted(t.sampling["seed"] for t in trajs) == [7, 8]
+
+
+def test_backend_errors_reach_the_caller(pool):
+    backend = ReplayBackend({"p": ["```python\nprint(1)\n```"]})  # no second turn
+    with pytest.raises(ReplayExhausted):
+        run_many(["p"], backend, pool)

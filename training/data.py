@@ -1,0 +1,79 @@
+"""Training data from trajectory files: loading, selection, pairs and groups per problem."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from tirforge.trajectories.messages import SegmentedMessage, segments_from_messages, to_segments
+from tirforge.trajectories.schema import Trajectory, read_jsonl
+
+Record = Trajectory | list[dict]
+"""A trajectory, or plain chat messages from a dataset's ``messages`` column."""
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Trajectories from a JSONL file, or ``messages`` rows from a JSONL file / saved HF dataset."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no training data at {path}")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if "messages" not in ds.column_names:
+            raise ValueError(f"{path}: a dataset needs a `messages` column, has {ds.column_names}")
+        return [list(m) for m in ds["messages"]]
+    first = next((ln for ln in path.open(encoding="utf-8") if ln.strip()), None)
+    if first is None:
+        raise ValueError(f"{path} is empty")
+    if "steps" in json.loads(first):
+        return list(read_jsonl(path))
+    rows = [json.loads(ln) for ln in path.open(encoding="utf-8") if ln.strip()]
+    if not all(isinstance(r.get("messages"), list) for r in rows):
+        raise ValueError(f"{path}: each line must be a Trajectory or have a `messages` list")
+    return [r["messages"] for r in rows]
+
+
+def segments(record: Record, style: str) -> list[SegmentedMessage]:
+    if isinstance(record, Trajectory):
+        return to_segments(record, style)  # type: ignore[arg-type]
+    return segments_from_messages(record)
+
+
+def only_correct(records: list[Record]) -> list[Record]:
+    """RFT: keep trajectories graded correct (plain ``messages`` rows are kept as they are)."""
+    return [r for r in records if not isinstance(r, Trajectory) or r.verdict == "correct"]
+
+
+def by_problem(trajs: list[Trajectory]) -> dict[str, list[Trajectory]]:
+    """Group graded trajectories by problem (``problem_id``, else the problem text)."""
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajs:
+        if t.verdict is not None:
+            groups[t.problem_id or t.problem].append(t)
+    return dict(groups)
+
+
+def preference_pairs(
+    trajs: list[Trajectory], max_pairs_per_problem: int = 4, seed: int = 0
+) -> list[tuple[Trajectory, Trajectory]]:
+    """(correct, incorrect) pairs of the same problem; problems lacking either side are skipped."""
+    rng = random.Random(seed)
+    pairs = []
+    for group in by_problem(trajs).values():
+        good = [t for t in group if t.verdict == "correct"]
+        bad = [t for t in group if t.verdict != "correct"]
+        combos = [(g, b) for g in good for b in bad]
+        rng.shuffle(combos)
+        pairs += combos[:max_pairs_per_problem]
+    return pairs
+
+
+def require_trajectories(records: list[Record], what: str) -> list[Trajectory]:
+    trajs = [r for r in records if isinstance(r, Trajectory)]
+    if len(trajs) != len(records):
+        raise ValueError(f"{what} needs graded Trajectory records (verdict), not plain messages")
+    return trajs

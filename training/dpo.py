@@ -1,0 +1,124 @@
+"""Offline DPO on (correct, incorrect) trajectory pairs of the same problem, on TRL's DPOTrainer.
+
+Each side is tokenised by ``training.masking``; the prompt is everything before the first
+model-written token. TRL's collator marks every completion token as scored; ours narrows that
+``completion_mask`` to the model-written tokens, so executor outputs and feedback inside a
+completion count neither in the policy's nor in the reference's log-probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tirforge.training.config import TrainConfig, load_tokenizer
+from tirforge.training.data import load_records, preference_pairs, require_trajectories
+from tirforge.training.masking import IGNORE_INDEX, split_prompt, tokenize_trajectory
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    output_dir: str = "runs/dpo"
+    """Checkpoints, the final model and TensorBoard logs go here."""
+    beta: float = 0.1
+    """DPO temperature: how far the policy may move from the reference."""
+    loss_type: str = "sigmoid"
+    """TRL DPO loss (sigmoid = original DPO, ipo, hinge, ...)."""
+    max_pairs_per_problem: int = 4
+    """At most this many (correct, incorrect) pairs per problem."""
+    learning_rate: float = 5e-7
+    """Peak learning rate (DPO wants a small one)."""
+
+
+def pair_example(chosen, rejected, tokenizer, cfg: TrainConfig) -> dict[str, list[int]]:
+    """prompt_ids, chosen/rejected ids and their model-written masks (1 = scored)."""
+    kw: dict[str, Any] = {"style": cfg.style, "max_length": cfg.max_length}
+    p_c, c = split_prompt(tokenize_trajectory(chosen, tokenizer, **kw))
+    p_r, r = split_prompt(tokenize_trajectory(rejected, tokenizer, **kw))
+    if p_c != p_r:
+        raise ValueError(f"trajectories {chosen.id} and {rejected.id} have different prompts")
+    return {
+        "prompt_ids": p_c,
+        "chosen_ids": c["input_ids"],
+        "rejected_ids": r["input_ids"],
+        "chosen_mask": [int(lab != IGNORE_INDEX) for lab in c["labels"]],
+        "rejected_mask": [int(lab != IGNORE_INDEX) for lab in r["labels"]],
+    }
+
+
+def build_dataset(cfg: DPOTrainConfig, tokenizer):
+    from datasets import Dataset
+
+    trajs = require_trajectories(load_records(cfg.train_file), "DPO")
+    pairs = preference_pairs(trajs, cfg.max_pairs_per_problem, cfg.seed)
+    if not pairs:
+        raise ValueError(f"{cfg.train_file}: no problem has both a correct and an incorrect sample")
+    rows = [pair_example(g, b, tokenizer, cfg) for g, b in pairs]
+    # A pair whose prompt fills max_length has nothing left to score.
+    rows = [r for r in rows if any(r["chosen_mask"]) and any(r["rejected_mask"])]
+    if not rows:
+        raise ValueError(f"no pair keeps a scored token within max_length={cfg.max_length}")
+    return Dataset.from_list(rows)
+
+
+def _classes():
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, pad
+
+    class MaskedPreferenceCollator(DataCollatorForPreference):
+        """TRL's preference collator with completion_mask = our model-written masks."""
+
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            import torch
+
+            out = super().torch_call(examples)
+            masks = [[0] * len(e["prompt_ids"]) + e["chosen_mask"] for e in examples]
+            masks += [[0] * len(e["prompt_ids"]) + e["rejected_mask"] for e in examples]
+            if self.max_length is not None:  # keep_start, as the dataset was cut by masking
+                masks = [m[: self.max_length] for m in masks]
+            mask = pad([torch.tensor(m) for m in masks], padding_value=0, padding_side="right",
+                       pad_to_multiple_of=self.pad_to_multiple_of)
+            if mask.shape != out["completion_mask"].shape:
+                raise RuntimeError("mask and sequence lengths disagree")
+            out["completion_mask"] = mask.to(out["completion_mask"].dtype)
+            return out
+
+    class MaskedDPOTrainer(DPOTrainer):
+        """DPOTrainer that keeps the mask columns for the collator."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # Already tokenised and masked by build_dataset; TRL would re-extract text prompts.
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, "chosen_mask", "rejected_mask"]
+
+    return MaskedPreferenceCollator, MaskedDPOTrainer
+
+
+def make_trainer(cfg: DPOTrainConfig, model=None):
+    from trl import DPOConfig
+
+    collator_cls, trainer_cls = _classes()
+    tok = load_tokenizer(cfg)
+    args = DPOConfig(
+        **cfg.trainer_kwargs(), beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length
+    )
+    return trainer_cls(
+        model=model or cfg.model,
+        args=args,
+        train_dataset=build_dataset(cfg, tok),
+        processing_class=tok,
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id, max_length=cfg.max_length),
+        peft_config=cfg.peft_config(),
+    )
+
+
+def train(cfg: DPOTrainConfig) -> str:
+    """Run DPO; return the folder of the saved final model (or adapter)."""
+    trainer = make_trainer(cfg)
+    trainer.train(resume_from_checkpoint=cfg.resume_arg())
+    trainer.save_model(cfg.output_dir)
+    trainer.processing_class.save_pretrained(cfg.output_dir)
+    return cfg.output_dir

@@ -1,0 +1,77 @@
+"""Export trajectories as a Hugging Face ``datasets.Dataset`` (and Parquet / save_to_disk).
+
+SFT rows carry ``messages`` (OpenAI chat format, code outputs as ``tool`` messages) and
+``messages_fenced`` (one assistant message in the Qwen TIR text layout, outputs in ```output
+blocks); DPO rows follow TRL's conversational preference format (prompt / chosen / rejected).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import datasets
+
+from tirforge.trajectories.messages import to_messages
+from tirforge.trajectories.schema import Trajectory
+
+__all__ = ["save", "to_dpo_dataset", "to_sft_dataset"]
+
+
+def sft_row(t: Trajectory) -> dict:
+    return {
+        "id": t.id,
+        "problem_id": t.problem_id,
+        "problem": t.problem,
+        "reference": t.reference,
+        "final_answer": t.final_answer,
+        "verdict": t.verdict,
+        "model": t.model,
+        "score": t.score,
+        "n_turns": len(t.steps),
+        "messages": to_messages(t, "tool"),
+        "messages_fenced": to_messages(t, "fenced"),
+        # Per-trajectory settings differ in shape; JSON keeps the column type fixed.
+        "sampling": json.dumps(t.sampling, sort_keys=True),
+    }
+
+
+def to_sft_dataset(trajs: Iterable[Trajectory]) -> datasets.Dataset:
+    rows = [sft_row(t) for t in trajs]
+    if not rows:
+        raise ValueError("nothing to export: no trajectories were selected")
+    return datasets.Dataset.from_list(rows)
+
+
+def _completion(t: Trajectory) -> list[dict]:
+    return to_messages(t, "tool")[len(t.messages) :]
+
+
+def to_dpo_dataset(pairs: Sequence[tuple[Trajectory, Trajectory]]) -> datasets.Dataset:
+    if not pairs:
+        raise ValueError("nothing to export: no correct/incorrect pairs")
+    rows = []
+    for chosen, rejected in pairs:
+        rows.append(
+            {
+                "problem_id": chosen.problem_id,
+                "prompt": chosen.messages,
+                "chosen": _completion(chosen),
+                "rejected": _completion(rejected),
+                "chosen_id": chosen.id,
+                "rejected_id": rejected.id,
+            }
+        )
+    return datasets.Dataset.from_list(rows)
+
+
+def save(ds: datasets.Dataset, out: str | Path) -> Path:
+    """``*.parquet`` -> one Parquet file; anything else -> a ``save_to_disk`` folder."""
+    out = Path(out)
+    if out.suffix == ".parquet":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(out))
+    else:
+        ds.save_to_disk(str(out))
+    return out
