@@ -232,9 +232,14 @@ class BatchingBackend:
 
 
 def _make_backend(
-    model: str, replay: Path | None, allow_network: bool, max_batch: int = 8
+    model: str, replay: Path | None, allow_network: bool, max_batch: int = 8, *,
+    backend: str = "transformers", base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
 ) -> Callable[[], Any]:
-    """A factory giving the backend for one trajectory (a fresh script per call for replay)."""
+    """A factory giving the backend for one trajectory (a fresh script per call for replay).
+
+    In-process models are wrapped in ``BatchingBackend``; a server (``backend="openai"``)
+    batches concurrent requests by itself."""
     if replay is not None:
         from tirforge.agent.backends.replay import ReplayBackend
 
@@ -242,14 +247,15 @@ def _make_backend(
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
             raise typer.BadParameter(f"{replay}: expected a JSON list of assistant turns")
         return lambda: ReplayBackend(turns)
-    from tirforge.agent.backends.hf import TransformersBackend
-    from tirforge.agent.models import resolve_model
+    from tirforge.agent.backends import make_backend
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_model(model, allow_network=allow_network, log=console.log)
-    with console.status(f"Loading {path} ..."):
-        shared = BatchingBackend(TransformersBackend(path), max_batch=max_batch)
+    with console.status(f"Loading {model} ({backend}) ..."):
+        inner = make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
+                             allow_network=allow_network, max_concurrency=max_batch,
+                             log=console.log)
+    shared = inner if backend == "openai" else BatchingBackend(inner, max_batch=max_batch)
     return lambda: shared
 
 
@@ -291,6 +297,9 @@ def collect(
     out: Annotated[Path, typer.Option(help="Store folder (resumable).")] = Path("runs/collect"),
     samples: Annotated[int, typer.Option(help="Samples per problem (k).")] = 4,
     model: Annotated[str, typer.Option(help="Model alias, local folder or hub id.")] = "smollm2",
+    backend: Annotated[str, typer.Option(help="transformers, openai (any OpenAI-compatible "
+                                         "server) or vllm.")] = "transformers",
+    base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
     format: Annotated[str, typer.Option(help="Prompt format: qwen-tir, qwen-cot, dotamath.")
                       ] = "qwen-tir",
     limit: Annotated[int | None, typer.Option(help="First N problems only.")] = None,
@@ -327,7 +336,12 @@ def collect(
     )
     model_name = "replay" if replay else model
     cfg_hash = config_hash({"model": model_name, "agent": asdict(agent_cfg)})
-    new_backend = _make_backend(model, replay, allow_network, max_batch=concurrency)
+    try:
+        new_backend = _make_backend(model, replay, allow_network, max_batch=concurrency,
+                                    backend=backend, base_url=base_url)
+    except (ValueError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
     def solve_one(p: Problem, k: int, kernel: Any) -> Trajectory:
         # A seed per (problem, sample): re-runs and resumes draw the same samples.

@@ -182,6 +182,12 @@ def eval_command(
     format: Annotated[str, typer.Option("--format", help="qwen-tir, qwen-cot or dotamath.")] = (
         "qwen-tir"
     ),
+    backend: Annotated[str, typer.Option(help="transformers, openai (any OpenAI-compatible "
+                                         "server, e.g. vllm serve) or vllm.")] = "transformers",
+    base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
+        "OPENAI_API_KEY"
+    ),
     n: Annotated[int, typer.Option(help="Samples per problem for maj@N / RM@N.")] = 1,
     rm: Annotated[str | None, typer.Option(help="Reward model folder for RM@N.")] = None,
     limit: Annotated[int | None, typer.Option(help="First N problems of each set.")] = None,
@@ -214,7 +220,13 @@ def eval_command(
         max_new_tokens=max_new_tokens, timeout=timeout, concurrency=concurrency, out=out, rm=rm,
         executor=executor, sandbox=sandbox,
     )
-    backend_factory = _make_backend(model, replay, allow_network, max_batch=concurrency)
+    try:
+        backend_factory = _make_backend(model, replay, allow_network, max_batch=concurrency,
+                                        backend=backend, base_url=base_url,
+                                        api_key_env=api_key_env)
+    except (ValueError, ImportError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     rows: dict[str, dict[str, float]] = {}
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
                               pool_size=max(1, concurrency))

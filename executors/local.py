@@ -174,6 +174,9 @@ class LocalKernelExecutor(KernelExecutor):
         ro = {"/usr", sys.base_prefix, sys.prefix}
         args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
         args += ["--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+        # The private /tmp first: binds below may live under /tmp (a venv in /tmp/ci/.venv) and
+        # must land on top of it, not be hidden by it.
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in sorted(ro):
             args += ["--ro-bind", path, path]
         for link in ("bin", "lib", "lib64", "sbin"):
@@ -185,7 +188,6 @@ class LocalKernelExecutor(KernelExecutor):
         for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf"):
             if os.path.exists(f):
                 args += ["--ro-bind", f, f]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         args += ["--bind", self.workdir, self.workdir, "--bind", self._sock_dir, self._sock_dir]
         args += ["--remount-ro", "/", "--chdir", self.workdir, "--"]
         return args

@@ -109,3 +109,14 @@ def test_kernel_outlives_the_thread_that_started_it():
         assert r.result == "2" and not r.restarted
     finally:
         ex.close()
+
+
+def test_private_tmp_does_not_hide_a_venv_under_tmp(tmp_path):
+    # CI may clone into /tmp: the venv bound read-only below /tmp must sit on top of the
+    # sandbox's private /tmp, not under it.
+    ex = LocalKernelExecutor(sandbox="bwrap")
+    ex.workdir, ex._sock_dir = str(tmp_path / "w"), str(tmp_path / "s")
+    args = ex._bwrap_prefix()
+    tmpfs = args.index("/tmp", args.index("--tmpfs"))
+    binds = [i for i, a in enumerate(args) if a in ("--ro-bind", "--bind")]
+    assert binds and all(i > tmpfs for i in binds)
