@@ -96,7 +96,6 @@ def test_output_tokens_do_not_change_the_loss(tmp_path):
 
 
 def test_lora_trains_only_the_adapter(tmp_path):
-    pytest.importorskip("peft")
     cfg = _cfg(tmp_path, lora=True, lora_r=4, lora_alpha=8, max_steps=2)
     trainer = make_trainer(cfg)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
