@@ -131,3 +131,12 @@ def load_tokenizer(cfg: TrainConfig):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def train_and_save(trainer, cfg: TrainConfig) -> str:
+    """Train (resuming as ``cfg.resume`` says), save the model and tokenizer to
+    ``cfg.output_dir`` and return it: the common end of every trainer module."""
+    trainer.train(resume_from_checkpoint=cfg.resume_arg())
+    trainer.save_model(cfg.output_dir)
+    trainer.processing_class.save_pretrained(cfg.output_dir)
+    return cfg.output_dir

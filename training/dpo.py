@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tirforge.training.config import TrainConfig, load_tokenizer
+from tirforge.training.config import TrainConfig, load_tokenizer, train_and_save
 from tirforge.training.data import load_records, preference_pairs, require_trajectories
 from tirforge.training.masking import IGNORE_INDEX, split_prompt, tokenize_trajectory
 
@@ -117,8 +117,4 @@ def make_trainer(cfg: DPOTrainConfig, model=None):
 
 def train(cfg: DPOTrainConfig) -> str:
     """Run DPO; return the folder of the saved final model (or adapter)."""
-    trainer = make_trainer(cfg)
-    trainer.train(resume_from_checkpoint=cfg.resume_arg())
-    trainer.save_model(cfg.output_dir)
-    trainer.processing_class.save_pretrained(cfg.output_dir)
-    return cfg.output_dir
+    return train_and_save(make_trainer(cfg), cfg)

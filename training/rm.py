@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tirforge.training.config import TrainConfig, load_tokenizer
+from tirforge.training.config import TrainConfig, load_tokenizer, train_and_save
 from tirforge.training.data import by_problem, load_records, preference_pairs, require_trajectories
 from tirforge.training.masking import render
 from tirforge.trajectories.messages import to_segments
@@ -200,11 +200,7 @@ def make_trainer(cfg: RMTrainConfig):
 
 def train(cfg: RMTrainConfig) -> str:
     """Train the reward model; return the folder it was saved to."""
-    trainer = make_trainer(cfg)
-    trainer.train(resume_from_checkpoint=cfg.resume_arg())
-    trainer.save_model(cfg.output_dir)
-    trainer.processing_class.save_pretrained(cfg.output_dir)
-    return cfg.output_dir
+    return train_and_save(make_trainer(cfg), cfg)
 
 
 # -- scoring -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tirforge.training.config import TrainConfig, load_tokenizer
+from tirforge.training.config import TrainConfig, load_tokenizer, train_and_save
 from tirforge.training.data import Record, load_records, only_correct, segments
 from tirforge.training.masking import IGNORE_INDEX, render, tokenize_rendered
 from tirforge.training.mixture import load_mixture
@@ -87,8 +87,4 @@ def make_trainer(cfg: SFTTrainConfig, model=None, tokenizer=None):
 
 def train(cfg: SFTTrainConfig) -> str:
     """Run SFT; return the folder of the saved final model (or adapter)."""
-    trainer = make_trainer(cfg)
-    trainer.train(resume_from_checkpoint=cfg.resume_arg())
-    trainer.save_model(cfg.output_dir)
-    trainer.processing_class.save_pretrained(cfg.output_dir)
-    return cfg.output_dir
+    return train_and_save(make_trainer(cfg), cfg)
