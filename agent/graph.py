@@ -291,7 +291,21 @@ def _generator(config: RunnableConfig, default: Backend | GenerateFn | None) -> 
     return backend if callable(backend) else (lambda r, p: backend.generate([r], p)[0])
 
 
-def _assemble(n: _Nodes, nodes: dict[str, Callable], checkpointer: Any = None):
+def _assemble(
+    n: _Nodes, nodes: dict[str, Callable], checkpointer: Any = None, asynchronous: bool = False
+):
+    after_generate, after_execute, after_step = n.after_generate, n.after_execute, n.after_step
+    if asynchronous:  # LangGraph runs a sync router of an async graph in a worker thread
+
+        async def after_generate(state: AgentState) -> str:  # type: ignore[misc]
+            return n.after_generate(state)
+
+        async def after_execute(state: AgentState) -> str:  # type: ignore[misc]
+            return n.after_execute(state)
+
+        async def after_step(state: AgentState) -> str:  # type: ignore[misc]
+            return n.after_step(state)
+
     g = StateGraph(AgentState)
     for name, fn in nodes.items():
         if name not in ("reflect", "finish"):
@@ -300,12 +314,12 @@ def _assemble(n: _Nodes, nodes: dict[str, Callable], checkpointer: Any = None):
     g.add_node("finish", nodes.get("finish", n.finish))
     if n.cfg.decomposes:
         g.add_edge(START, "decompose")
-        g.add_conditional_edges("decompose", n.after_step, ["generate", "finish"])
+        g.add_conditional_edges("decompose", after_step, ["generate", "finish"])
     else:
         g.add_edge(START, "generate")
-    g.add_conditional_edges("generate", n.after_generate, ["execute", "reflect", "finish"])
-    g.add_conditional_edges("execute", n.after_execute, ["reflect", "generate", "finish"])
-    g.add_conditional_edges("reflect", n.after_step, ["generate", "finish"])
+    g.add_conditional_edges("generate", after_generate, ["execute", "reflect", "finish"])
+    g.add_conditional_edges("execute", after_execute, ["reflect", "generate", "finish"])
+    g.add_conditional_edges("reflect", after_step, ["generate", "finish"])
     g.add_edge("finish", END)
     return g.compile(checkpointer=checkpointer)
 
@@ -351,8 +365,8 @@ def build_graph(
 
 
 def build_async_graph(
-    agenerate: AsyncGenerateFn,
-    arun: AsyncRunFn,
+    agenerate: AsyncGenerateFn | None = None,
+    arun: AsyncRunFn | None = None,
     config: AgentConfig | None = None,
     *,
     checkpointer: Any = None,
@@ -360,25 +374,39 @@ def build_async_graph(
     """Compile the solve loop with coroutine nodes, for many trajectories on one event loop.
 
     ``agenerate(request, params)`` returns one completion (e.g. through a micro-batcher);
-    ``arun(executor, code, timeout)`` runs a cell without blocking the loop.
+    ``arun(executor, code, timeout)`` runs a cell without blocking the loop. Both are
+    defaults: ``config["configurable"]["agenerate"]`` / ``["arun"]`` override them per run,
+    so one compiled graph serves every run (see ``async_graph``).
     """
     n = _Nodes(config or AgentConfig())
 
-    async def timed(req: Request, params: SamplingParams) -> tuple[Completion, float]:
+    async def timed(
+        config: RunnableConfig, req: Request, params: SamplingParams
+    ) -> tuple[Completion, float]:
+        # The run's seed and tag ride on the request, so one compiled graph serves every
+        # trajectory and requests with different seeds can still share a batch.
+        job = config.get("configurable") or {}
+        req.seed, req.tag = job.get("seed", params.seed), job.get("tag", "")
+        gen = job.get("agenerate", agenerate)
+        if gen is None:
+            raise RuntimeError("no model backend was given")
         t0 = time.perf_counter()
-        c = await agenerate(req, params)
+        c = await gen(req, params)
         return c, time.perf_counter() - t0
 
-    async def decompose(state: AgentState) -> AgentState:
-        return n.decompose_apply(state, *await timed(*n.decompose_request(state)))
+    async def decompose(state: AgentState, config: RunnableConfig) -> AgentState:
+        return n.decompose_apply(state, *await timed(config, *n.decompose_request(state)))
 
-    async def generate(state: AgentState) -> AgentState:
-        return n.generate_apply(state, *await timed(*n.generate_request(state, False)))
+    async def generate(state: AgentState, config: RunnableConfig) -> AgentState:
+        return n.generate_apply(state, *await timed(config, *n.generate_request(state, False)))
 
     async def execute(state: AgentState, config: RunnableConfig) -> AgentState:
         _emit("step_started", "execute")
         code = state["steps"][-1].code or ""
-        result = await arun(_executor(config, None), code, n.cfg.cell_timeout)
+        run = (config.get("configurable") or {}).get("arun", arun)
+        if run is None:
+            raise RuntimeError("no async cell runner was given")
+        result = await run(_executor(config, None), code, n.cfg.cell_timeout)
         return n.execute_apply(state, result)
 
     # Coroutines, not plain functions: LangGraph would run sync nodes in a worker thread.
@@ -391,7 +419,7 @@ def build_async_graph(
     nodes = {"generate": generate, "execute": execute, "reflect": reflect, "finish": finish}
     if n.cfg.decomposes:
         nodes["decompose"] = decompose
-    return _assemble(n, nodes, checkpointer)
+    return _assemble(n, nodes, checkpointer, asynchronous=True)
 
 
 def initial_state(problem: str, cfg: AgentConfig) -> AgentState:
@@ -405,10 +433,19 @@ def initial_state(problem: str, cfg: AgentConfig) -> AgentState:
 
 
 def run_config(
-    cfg: AgentConfig, executor: Any = None, thread_id: str | None = None, backend: Any = None
+    cfg: AgentConfig,
+    executor: Any = None,
+    thread_id: str | None = None,
+    backend: Any = None,
+    *,
+    seed: int | None = None,
+    tag: str = "",
 ) -> dict:
-    """LangGraph run config: recursion limit from the turn budget, kernel, backend, thread id."""
-    configurable: dict[str, Any] = {}
+    """LangGraph run config: recursion limit from the turn budget, kernel, backend, thread id,
+    and (async graph) this run's sampling seed and trajectory tag."""
+    configurable: dict[str, Any] = {"tag": tag}
+    if seed is not None:
+        configurable["seed"] = seed
     if executor is not None:
         configurable["executor"] = executor
     if backend is not None:
@@ -452,6 +489,18 @@ def to_trajectory(
 
 
 _GRAPHS: dict[tuple, Any] = {}
+
+
+def async_graph(cfg: AgentConfig):
+    """The compiled async graph of ``cfg``, compiled once per process (compiling costs ~50
+    turns); pass ``agenerate`` / ``arun`` in ``configurable``."""
+    key = ("async", repr(cfg))
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        if len(_GRAPHS) >= 64:
+            _GRAPHS.clear()
+        graph = _GRAPHS[key] = build_async_graph(None, None, cfg)
+    return graph
 
 
 def _cached_graph(cfg: AgentConfig, checkpointer: Any, stream_tokens: bool):

@@ -12,6 +12,7 @@ execution of some trajectories overlaps generation for others.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +20,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
-from tirforge.agent.graph import AgentConfig, build_async_graph, initial_state, run_config
+from tirforge.agent.graph import AgentConfig, async_graph, initial_state, run_config
 from tirforge.agent.graph import to_trajectory as _to_trajectory
 from tirforge.executors.pool import KernelPool
+from tirforge.trajectories.datasets import Problem as DatasetProblem
 from tirforge.trajectories.schema import Trajectory
 
-Problem = str | Mapping[str, Any]
-"""A problem text, or a mapping with "problem" and optionally "reference" (or "answer") and
-"problem_id" (or "id")."""
+Problem = str | Mapping[str, Any] | DatasetProblem
+"""A problem text, a mapping with "problem" and optionally "reference" (or "answer") and
+"problem_id" (or "id"), or a dataset ``Problem``."""
 Progress = Callable[[int, int, Trajectory], None]
 """Called as (finished, total, trajectory) after each trajectory ends."""
+OnResult = Callable[[Any, int, "Trajectory | BaseException"], None]
+"""Called as (problem, sample index, trajectory or the exception that ended it)."""
 
 
 @dataclass
@@ -47,6 +51,9 @@ class RunnerConfig:
     server, which batches by itself."""
     samples: int = 1
     """Trajectories per problem; sample i uses seed ``sampling.seed + i`` when a seed is set."""
+
+
+_RUNS = itertools.count()  # makes trajectory tags unique across runs in one process
 
 
 class MicroBatcher:
@@ -94,10 +101,12 @@ class MicroBatcher:
 
     async def _send(self, batch: list) -> None:
         try:
-            # Requests with different sampling settings cannot share one backend call.
+            # Requests with different sampling settings cannot share one backend call; the
+            # seed can differ (it rides on each request).
             groups: dict[tuple, list] = {}
             for item in batch:
-                groups.setdefault(tuple(sorted(item[1].as_dict().items())), []).append(item)
+                key = tuple(sorted((k, v) for k, v in item[1].as_dict().items() if k != "seed"))
+                groups.setdefault(key, []).append(item)
             loop = asyncio.get_running_loop()
             for items in groups.values():
                 self.batches.append(len(items))
@@ -126,6 +135,8 @@ class MicroBatcher:
 def _unpack(p: Problem) -> tuple[str, str | None, str | None]:
     if isinstance(p, str):
         return p, None, None
+    if not isinstance(p, Mapping):  # a dataset Problem (id, problem, reference)
+        return p.problem, p.reference, p.id
     ref = p.get("reference", p.get("answer"))
     pid = p.get("problem_id", p.get("id"))
     return p["problem"], None if ref is None else str(ref), None if pid is None else str(pid)
@@ -140,15 +151,27 @@ async def arun_many(
     *,
     progress: Progress | None = None,
     model_name: str = "",
-) -> list[Trajectory]:
+    jobs: Sequence[tuple[Problem, int]] | None = None,
+    seed_of: Callable[[Problem, int], int | None] | None = None,
+    on_result: OnResult | None = None,
+) -> list[Trajectory | BaseException]:
     """Solve every problem (``runner.samples`` times each); trajectories come back in input
-    order, samples of one problem next to each other."""
+    order, samples of one problem next to each other.
+
+    ``jobs`` replaces that list with explicit (problem, sample index) pairs (a resumed
+    collection runs only what is missing). ``seed_of(problem, sample)`` gives each trajectory
+    its seed (default: ``sampling.seed + sample``). Without ``on_result`` the first failure
+    propagates; with it, every job's trajectory or exception goes to ``on_result`` as it ends,
+    the others carry on, and failures come back as exceptions in the list.
+    """
     cfg, rcfg = config or AgentConfig(), runner or RunnerConfig()
     tools = cfg.fmt.uses_tools
     if tools and pool is None:
         raise ValueError(f"format {cfg.format!r} runs code: give a KernelPool")
     width = min(rcfg.max_concurrency, pool.size if tools and pool else rcfg.max_concurrency)
-    jobs = [(p, i) for p in problems for i in range(rcfg.samples)]
+    todo = list(jobs) if jobs is not None else [
+        (p, i) for p in problems for i in range(rcfg.samples)
+    ]
     state = {"live": 0, "done": 0}
     # Every live trajectory may join the next batch (cells are short next to a model call).
     batcher = MicroBatcher(backend, rcfg, lambda: state["live"])
@@ -157,38 +180,62 @@ async def arun_many(
     async def arun(kernel: Any, code: str, timeout: float):
         return await asyncio.get_running_loop().run_in_executor(cells, kernel.run, code, timeout)
 
-    graphs: dict[int | None, Any] = {}  # one compiled graph per sampling seed
+    # One compiled graph for every trajectory (and run): the model call, cell runner, seed
+    # and tag are per-run config values.
+    graph = async_graph(cfg)
+    runtime = {"agenerate": batcher.generate, "arun": arun}
     gate = asyncio.Semaphore(max(1, width))
     name = model_name or getattr(backend, "name", "")
+    base_seed = cfg.sampling.seed
+    run = next(_RUNS)
+
+    def default_seed(problem: Problem, sample: int) -> int | None:
+        return None if base_seed is None else base_seed + sample
+
+    seed_for = seed_of or default_seed
 
     async def one(problem: Problem, sample: int) -> Trajectory:
         text, ref, pid = _unpack(problem)
-        c = cfg
-        if cfg.sampling.seed is not None and sample:
-            c = replace(cfg, sampling=replace(cfg.sampling, seed=cfg.sampling.seed + sample))
-        graph = graphs.get(c.sampling.seed)
-        if graph is None:
-            graph = graphs[c.sampling.seed] = build_async_graph(batcher.generate, arun, c)
+        seed = seed_for(problem, sample)
+        c = cfg if seed == base_seed else replace(cfg, sampling=replace(cfg.sampling, seed=seed))
+        tag = f"{pid if pid is not None else text[:40]}#{sample}@{run}"
         async with gate:
             state["live"] += 1
             t0 = time.perf_counter()
             try:
                 if tools:
+                    assert pool is not None
                     async with pool.akernel() as kernel:
-                        final = await graph.ainvoke(initial_state(text, c), run_config(c, kernel))
+                        rc = run_config(c, kernel, seed=seed, tag=tag)
+                        rc["configurable"].update(runtime)
+                        final = await graph.ainvoke(initial_state(text, c), rc)
                 else:
-                    final = await graph.ainvoke(initial_state(text, c), run_config(c))
+                    rc = run_config(c, seed=seed, tag=tag)
+                    rc["configurable"].update(runtime)
+                    final = await graph.ainvoke(initial_state(text, c), rc)
             finally:
                 state["live"] -= 1
         traj = _to_trajectory(final, c, reference=ref, problem_id=pid, model_name=name,
                               total_s=time.perf_counter() - t0)
+        traj.sample = sample
         state["done"] += 1
         if progress is not None:
-            progress(state["done"], len(jobs), traj)
+            progress(state["done"], len(todo), traj)
         return traj
 
+    async def guarded(problem: Problem, sample: int) -> Trajectory | BaseException:
+        try:
+            result: Trajectory | BaseException = await one(problem, sample)
+        except Exception as e:  # one bad trajectory must not stop a long run
+            if on_result is None:
+                raise
+            result = e
+        if on_result is not None:
+            on_result(problem, sample, result)
+        return result
+
     try:
-        return list(await asyncio.gather(*(one(p, i) for p, i in jobs)))
+        return list(await asyncio.gather(*(guarded(p, i) for p, i in todo)))
     finally:
         batcher.close()
         cells.shutdown(wait=False)
@@ -203,9 +250,12 @@ def run_many(
     *,
     progress: Progress | None = None,
     model_name: str = "",
-) -> list[Trajectory]:
+    jobs: Sequence[tuple[Problem, int]] | None = None,
+    seed_of: Callable[[Problem, int], int | None] | None = None,
+    on_result: OnResult | None = None,
+) -> list[Trajectory | BaseException]:
     """Synchronous ``arun_many``: solve many problems concurrently with batched model calls."""
     return asyncio.run(
         arun_many(problems, backend, pool, config, runner, progress=progress,
-                  model_name=model_name)
+                  model_name=model_name, jobs=jobs, seed_of=seed_of, on_result=on_result)
     )

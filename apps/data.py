@@ -1,21 +1,19 @@
 """Data pipeline commands: ``tirforge collect / evolve / select / export``.
 
-Orchestration lives here (not in ``trajectories``) because it drives the agent: a thread pool
-solves (problem, sample) jobs on kernels leased from a ``KernelPool`` and appends each graded
-trajectory to a resumable ``Store``.
+Orchestration lives here (not in ``trajectories``) because it drives the agent: the batched
+runner (``agent.runner``) solves the (problem, sample) jobs a resumable ``Store`` lacks, on
+kernels from a ``KernelPool``, and each graded trajectory is appended as it lands.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,8 +35,6 @@ from tirforge.trajectories.select import consensus
 from tirforge.trajectories.store import Store, StoreConfig, config_hash
 
 console = Console()
-SolveOne = Callable[[Problem, int, Any], Trajectory]
-"""(problem, sample index, leased kernel) -> graded trajectory."""
 
 
 # --------------------------------------------------------------------------- collection
@@ -91,19 +87,29 @@ def summarize(trajs: Sequence[Trajectory], problems: Sequence[Problem]) -> Colle
     return rep
 
 
+def job_seed(p: Problem, k: int) -> int:
+    """A seed per (problem, sample): re-runs and resumes draw the same samples."""
+    return zlib.crc32(f"{p.id}#{k}".encode())
+
+
 def run_collect(
     problems: Sequence[Problem],
     *,
     samples: int,
     store: Store,
     cfg_hash: str,
-    solve_one: SolveOne,
-    lease: Callable[[], Any],
-    release: Callable[[Any], None],
+    backend: Any,
+    pool: Any,
+    agent_cfg: Any,
     concurrency: int = 4,
+    max_batch: int | None = None,
+    model_name: str = "",
     on_done: Callable[[Trajectory | None], None] | None = None,
 ) -> CollectReport:
-    """Solve every (problem, sample) not yet in ``store``; each result is stored as it lands."""
+    """Solve every (problem, sample) not yet in ``store`` with the batched runner; each result
+    is stored as it lands, and a job that raises is counted (and retried by the next run)."""
+    from tirforge.agent.runner import RunnerConfig, run_many
+
     t0 = time.perf_counter()
     done = store.done_keys()
     jobs = [
@@ -112,30 +118,24 @@ def run_collect(
     failed: list[str] = []
     new = 0
 
-    def work(p: Problem, k: int) -> Trajectory:
-        kernel = lease()
-        try:
-            traj = solve_one(p, k, kernel)
-        finally:
-            release(kernel)
-        traj.problem_id, traj.sample, traj.config_hash = p.id, k, cfg_hash
-        store.add(traj)
-        return traj
+    def on_result(p: Problem, k: int, res: Trajectory | BaseException) -> None:
+        nonlocal new
+        traj = None
+        if isinstance(res, BaseException):
+            failed.append(f"{p.id}#{k}: {type(res).__name__}: {res}")
+        else:
+            traj = res
+            traj.problem_id, traj.sample, traj.config_hash = p.id, k, cfg_hash
+            store.add(traj)
+            new += 1
+        if on_done is not None:
+            on_done(traj)
 
-    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="collect") as ex:
-        pending = {ex.submit(work, p, k): (p, k) for p, k in jobs}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                p, k = pending.pop(fut)
-                try:
-                    traj = fut.result()
-                    new += 1
-                except Exception as e:  # one bad job must not stop a long collection
-                    failed.append(f"{p.id}#{k}: {type(e).__name__}: {e}")
-                    traj = None
-                if on_done is not None:
-                    on_done(traj)
+    if jobs:
+        runner = RunnerConfig(max_concurrency=max(1, concurrency),
+                              max_batch=max_batch or max(1, concurrency))
+        run_many(problems, backend, pool, agent_cfg, runner, jobs=jobs, seed_of=job_seed,
+                 on_result=on_result, model_name=model_name)
     wanted = {p.id for p in problems}
     trajs = [t for t in store if t.config_hash == cfg_hash and t.problem_id in wanted
              and (t.sample or 0) < samples]  # a larger earlier run must not skew pass@k
@@ -165,98 +165,28 @@ def print_report(rep: CollectReport, samples: int) -> None:
         console.print(f"[red]failed[/red] {err}")
 
 
-class BatchingBackend:
-    """One model shared by worker threads: their turns are gathered into batched calls.
-
-    Decoding 8 rows at once is ~4x the throughput of 8 single calls on CPU (docs/benchmarks.md),
-    so a thread that finds the model idle waits ``wait_s`` for others to join, then generates
-    for everyone queued with the same sampling settings. The batch uses the first request's
-    seed: with batching on, samples are not reproducible one by one.
-    """
-
-    def __init__(self, backend: Any, max_batch: int = 8, wait_s: float = 0.05):
-        self.backend = backend
-        self.name = getattr(backend, "name", "")
-        self.max_batch, self.wait_s = max_batch, wait_s
-        self.batch_sizes: list[int] = []
-        """Rows per underlying call, for inspection."""
-        self._cv = threading.Condition()
-        self._queue: list[tuple[list, Any, dict]] = []
-        self._busy = False
-
-    def generate(self, requests: list, params: Any) -> list:
-        slot: dict = {}
-        with self._cv:
-            self._queue.append((requests, params, slot))
-            while "out" not in slot and "error" not in slot:
-                if self._busy:
-                    self._cv.wait()
-                    continue
-                self._busy = True  # this thread leads the next batch
-                self._cv.release()
-                try:
-                    time.sleep(self.wait_s)  # let the other workers' turns arrive
-                    self._run_batch()
-                finally:
-                    self._cv.acquire()
-                    self._busy = False
-                    self._cv.notify_all()
-        if "error" in slot:
-            raise slot["error"]
-        return slot["out"]
-
-    def _run_batch(self) -> None:
-        with self._cv:
-            key = replace(self._queue[0][1], seed=None)
-            batch, rows = [], 0
-            for item in list(self._queue):
-                if replace(item[1], seed=None) == key and rows + len(item[0]) <= max(
-                    self.max_batch, len(self._queue[0][0])
-                ):
-                    batch.append(item)
-                    rows += len(item[0])
-                    self._queue.remove(item)
-        flat = [r for reqs, _, _ in batch for r in reqs]
-        try:
-            out = self.backend.generate(flat, batch[0][1])
-        except Exception as e:  # every caller in the batch sees the failure
-            for _, _, slot in batch:
-                slot["error"] = e
-            return
-        self.batch_sizes.append(len(flat))
-        n = max(1, getattr(batch[0][1], "n", 1) or 1)  # n samples per request come back in a row
-        i = 0
-        for reqs, _, slot in batch:
-            slot["out"] = out[i : i + len(reqs) * n]
-            i += len(reqs) * n
-
-
 def _make_backend(
     model: str, replay: Path | None, allow_network: bool, max_batch: int = 8, *,
     backend: str = "transformers", base_url: str | None = None,
     api_key_env: str = "OPENAI_API_KEY",
-) -> Callable[[], Any]:
-    """A factory giving the backend for one trajectory (a fresh script per call for replay).
-
-    In-process models are wrapped in ``BatchingBackend``; a server (``backend="openai"``)
-    batches concurrent requests by itself."""
+) -> Any:
+    """The backend every trajectory of a run shares (the runner batches its calls); a replay
+    script is played afresh by each trajectory."""
     if replay is not None:
         from tirforge.agent.backends.replay import ReplayBackend
 
         turns = json.loads(replay.read_text())
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
             raise typer.BadParameter(f"{replay}: expected a JSON list of assistant turns")
-        return lambda: ReplayBackend(turns)
+        return ReplayBackend(turns)
     from tirforge.agent.backends import make_backend
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with console.status(f"Loading {model} ({backend}) ..."):
-        inner = make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
-                             allow_network=allow_network, max_concurrency=max_batch,
-                             log=console.log)
-    shared = inner if backend == "openai" else BatchingBackend(inner, max_batch=max_batch)
-    return lambda: shared
+        return make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
+                            allow_network=allow_network, max_concurrency=max_batch,
+                            log=console.log)
 
 
 def _field_map(problem_field, answer_field, answer_format) -> FieldMap | None:
@@ -306,7 +236,7 @@ def collect(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     max_turns: Annotated[int, typer.Option(help="Model turns at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 512,
-    concurrency: Annotated[int, typer.Option(help="Trajectories in flight (threads).")] = 4,
+    concurrency: Annotated[int, typer.Option(help="Trajectories in flight (kernels).")] = 4,
     executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
     sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap, none.")] = "auto",
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
@@ -321,7 +251,7 @@ def collect(
     """Run the agent K times on every problem of DATASET into a resumable store."""
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.formats import FORMATS
-    from tirforge.agent.graph import AgentConfig, solve
+    from tirforge.agent.graph import AgentConfig
     from tirforge.executors import ExecutorConfig, KernelPool
 
     if format not in FORMATS:
@@ -337,18 +267,11 @@ def collect(
     model_name = "replay" if replay else model
     cfg_hash = config_hash({"model": model_name, "agent": asdict(agent_cfg)})
     try:
-        new_backend = _make_backend(model, replay, allow_network, max_batch=concurrency,
-                                    backend=backend, base_url=base_url)
+        shared = _make_backend(model, replay, allow_network, max_batch=concurrency,
+                               backend=backend, base_url=base_url)
     except (ValueError, ImportError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-
-    def solve_one(p: Problem, k: int, kernel: Any) -> Trajectory:
-        # A seed per (problem, sample): re-runs and resumes draw the same samples.
-        seed = zlib.crc32(f"{p.id}#{k}".encode())
-        cfg = replace(agent_cfg, sampling=replace(agent_cfg.sampling, seed=seed))
-        return solve(p.problem, new_backend(), kernel, cfg, reference=p.reference,
-                     model_name=model_name)
 
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
                               pool_size=max(1, concurrency))
@@ -365,18 +288,16 @@ def collect(
                                            for k in range(samples)})
         task = progress.add_task("collect", total=total, completed=already, correct=0, rate="-")
         t0, counts = time.perf_counter(), {"n": 0, "correct": 0}
-        lock = threading.Lock()
 
         def on_done(traj: Trajectory | None) -> None:
-            with lock:
-                counts["n"] += 1
-                counts["correct"] += traj is not None and traj.verdict == "correct"
-                rate = counts["n"] / (time.perf_counter() - t0)
-                progress.update(task, advance=1, correct=counts["correct"], rate=f"{rate:.2f}")
+            counts["n"] += 1
+            counts["correct"] += traj is not None and traj.verdict == "correct"
+            rate = counts["n"] / (time.perf_counter() - t0)
+            progress.update(task, advance=1, correct=counts["correct"], rate=f"{rate:.2f}")
 
         rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
-                          solve_one=solve_one, lease=pool.lease, release=pool.release,
-                          concurrency=concurrency, on_done=on_done)
+                          backend=shared, pool=pool, agent_cfg=agent_cfg,
+                          concurrency=concurrency, model_name=model_name, on_done=on_done)
     print_report(rep, samples)
     if rep.failed:
         raise typer.Exit(1)
@@ -448,9 +369,10 @@ def run_evolve(
     *,
     label_samples: int,
     store: Store,
-    solve_one: SolveOne,
-    lease: Callable[[], Any],
-    release: Callable[[Any], None],
+    backend: Any,
+    pool: Any,
+    agent_cfg: Any,
+    model_name: str = "",
     types: Sequence[str] | None = None,
     per_type: int = 1,
     threshold: float = 0.5,
@@ -465,7 +387,8 @@ def run_evolve(
     labelled: list[Problem] = []
     if label_samples > 0 and new:
         run_collect(new, samples=label_samples, store=store, cfg_hash=cfg_hash,
-                    solve_one=solve_one, lease=lease, release=release, concurrency=concurrency)
+                    backend=backend, pool=pool, agent_cfg=agent_cfg, concurrency=concurrency,
+                    model_name=model_name)
         answers: dict[str, list[str | None]] = defaultdict(list)
         for t in store:
             if t.config_hash == cfg_hash:
@@ -492,27 +415,22 @@ def evolve(
 ) -> None:
     """Rewrite seed problems (MuggleMath / DotaMath types) and label them by TIR consensus."""
     from tirforge.agent.backends.base import Request, SamplingParams
-    from tirforge.agent.graph import AgentConfig, solve
+    from tirforge.agent.graph import AgentConfig
     from tirforge.executors import ExecutorConfig, KernelPool
 
     seeds = _load(dataset, None, limit)
-    backend = _make_backend(model, None, allow_network)()
+    backend = _make_backend(model, None, allow_network)
     params = SamplingParams(max_new_tokens=512, temperature=temperature)
 
     def generate(prompts: list[str]) -> list[str]:
         reqs = [Request(messages=[{"role": "user", "content": p}]) for p in prompts]
         return [c.text for c in backend.generate(reqs, params)]
 
-    cfg = AgentConfig(sampling=params)
-
-    def solve_one(p: Problem, k: int, kernel: Any) -> Trajectory:
-        return solve(p.problem, backend, kernel, cfg, model_name=model)
-
     store = Store(out.with_suffix(".store"))
     with KernelPool(ExecutorConfig(pool_size=max(1, concurrency))) as pool, store:
         problems, stats = run_evolve(
-            seeds, generate, label_samples=label_samples, store=store, solve_one=solve_one,
-            lease=pool.lease, release=pool.release,
+            seeds, generate, label_samples=label_samples, store=store, backend=backend,
+            pool=pool, agent_cfg=AgentConfig(sampling=params), model_name=model,
             types=types.split(",") if types else None, per_type=per_type,
             threshold=threshold, concurrency=concurrency,
         )

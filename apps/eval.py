@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,10 +69,10 @@ def is_correct(traj: Any) -> bool:
     return traj.verdict == "correct"
 
 
-def run_benchmark(bench: str, cfg: EvalConfig, backend_factory, pool) -> dict[str, float]:
+def run_benchmark(bench: str, cfg: EvalConfig, backend: Any, pool: Any) -> dict[str, float]:
     """Greedy + sampled runs of one benchmark (resuming from the stores); its table row."""
     from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.graph import AgentConfig, solve
+    from tirforge.agent.graph import AgentConfig
     from tirforge.apps.data import run_collect
     from tirforge.trajectories.datasets import load_dataset
     from tirforge.trajectories.metrics import ProblemSamples, pass_at_k, score_table
@@ -94,18 +93,10 @@ def run_benchmark(bench: str, cfg: EvalConfig, backend_factory, pool) -> dict[st
         cfg_hash = config_hash({"model": cfg.model, "agent": asdict(agent_cfg)})
         store = Store(cfg.out / _slug(cfg.model) / bench / name)
 
-        def solve_one(p, k, kernel, agent_cfg=agent_cfg):
-            seed = zlib.crc32(f"{p.id}#{k}".encode())  # same samples on a re-run
-            c = replace(agent_cfg, sampling=replace(agent_cfg.sampling, seed=seed))
-            t = solve(p.problem, backend_factory(), kernel, c, reference=p.reference,
-                      model_name=cfg.model)
-            t.problem_id = p.id
-            return t
-
         with store:
             rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
-                              solve_one=solve_one, lease=pool.lease, release=pool.release,
-                              concurrency=cfg.concurrency)
+                              backend=backend, pool=pool, agent_cfg=agent_cfg,
+                              concurrency=cfg.concurrency, model_name=cfg.model)
         if rep.failed:
             console.print(f"[yellow]{bench}/{name}: {rep.failed} trajectories failed[/yellow]")
         grouped: dict[str, list] = {p.id: [] for p in problems}
@@ -221,7 +212,7 @@ def eval_command(
         executor=executor, sandbox=sandbox,
     )
     try:
-        backend_factory = _make_backend(model, replay, allow_network, max_batch=concurrency,
+        backend_obj = _make_backend(model, replay, allow_network, max_batch=concurrency,
                                         backend=backend, base_url=base_url,
                                         api_key_env=api_key_env)
     except (ValueError, ImportError) as e:
@@ -234,7 +225,7 @@ def eval_command(
         pool.install_signal_handlers()
         for bench in names:
             with console.status(f"{bench}: solving ..."):
-                rows[bench] = run_benchmark(bench, cfg, backend_factory, pool)
+                rows[bench] = run_benchmark(bench, cfg, backend_obj, pool)
             console.log(f"{bench}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[bench].items()))
     table, md, data = render(rows, cfg)
     console.print(table)

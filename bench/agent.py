@@ -80,7 +80,9 @@ def overhead(rows: list[str]) -> None:
         print(rows[-1], flush=True)
     # Real sandboxed kernels, trivial cell: what share of the wall time is framework?
     for width in (1, 4):
-        with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap"), size=width) as pool:
+        # Twice as many kernels as trajectories in flight, so that a kernel's reset between
+        # trajectories (in the background) is not counted as per-turn overhead.
+        with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap"), size=2 * width) as pool:
             probs = ["p"] * 8 * width
             t0 = time.perf_counter()
             trajs = run_many(probs, ScriptBackend(), pool, cfg,

@@ -66,15 +66,28 @@ for _pid in _descendants(_o.getpid()):
         _o.kill(_pid, _g.SIGKILL)
     except OSError:
         pass
-get_ipython().run_line_magic("reset", "-f")
-import os as _o, shutil as _s
 _o.chdir(WORKDIR)
 for _n in _o.listdir("."):
     if _o.path.isdir(_n) and not _o.path.islink(_n):
         _s.rmtree(_n, ignore_errors=True)
     else:
         _o.remove(_n)
-get_ipython().run_line_magic("reset", "-f")
+def _wipe():
+    # InteractiveShell.reset without its full gc.collect() (via displayhook.flush): ~100-230 ms
+    # with sympy loaded; a young-generation pass frees the usual garbage in well under 1 ms.
+    import gc
+    ip = get_ipython()
+    ip.history_manager.reset(False)
+    ip.user_ns["_oh"].clear()
+    ip.displayhook._ = ip.displayhook.__ = ip.displayhook.___ = ""
+    ip.last_execution_result = None
+    ns = ip.user_global_ns
+    for k in [k for k in ns if k not in ("__builtin__", "__builtins__", "__name__")]:
+        del ns[k]
+    ip.user_ns_hidden.clear()
+    ip.init_user_ns()
+    gc.collect(1)
+_wipe()
 """
 
 

@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tirforge.agent.backends.replay import ReplayBackend
-from tirforge.agent.graph import AgentConfig, solve
+from tirforge.agent.graph import AgentConfig
 from tirforge.apps.data import run_collect, summarize
 from tirforge.executors import ExecutorConfig, KernelPool
 from tirforge.trajectories.datasets import FieldMap, load_file
@@ -26,15 +25,12 @@ CODE = "Let me compute.\n```python\nx = sum(i**2 for i in range(1, 21))\nprint(x
 def test_collect_on_replay_backend(tmp_path):
     problems = load_file(FIXTURE, GSM8K, name="tiny")
     store = Store(tmp_path / "store")
-
-    def solve_one(p, k, kernel):
-        return solve(p.problem, ReplayBackend([CODE, "\\boxed{2870}"]), kernel, AgentConfig(),
-                     reference=p.reference)
-
+    backend = ReplayBackend([CODE, "\\boxed{2870}"])  # every trajectory plays its own copy
     cfg = ExecutorConfig(backend="local", sandbox="bwrap", pool_size=2)
     with KernelPool(cfg) as pool:
-        rep = run_collect(problems, samples=2, store=store, cfg_hash="h1", solve_one=solve_one,
-                          lease=pool.lease, release=pool.release, concurrency=2)
+        args = dict(samples=2, store=store, cfg_hash="h1", backend=backend, pool=pool,
+                    agent_cfg=AgentConfig(), concurrency=2)
+        rep = run_collect(problems, **args)
         assert rep.new == 12 and rep.failed == 0 and rep.trajectories == 12
         # Problems 0 and 3 have reference 2871: 4 of 6 problems solved, every sample alike.
         assert rep.pass_at_1 == pytest.approx(4 / 6)
@@ -44,29 +40,41 @@ def test_collect_on_replay_backend(tmp_path):
         trajs = store.read()
         assert all(t.steps[0].output.strip() == "2870" for t in trajs)  # a real kernel ran it
         assert {key_of(t) for t in trajs} == {(p.id, k, "h1") for p in problems for k in (0, 1)}
+        # Model calls of concurrent trajectories went out together (the runner batches).
+        assert max(backend.batch_sizes) == 2 and sum(backend.batch_sizes) == 24
+        # Each (problem, sample) has its own seed, the same on every run.
+        seeds = {(t.problem_id, t.sample): t.sampling["seed"] for t in trajs}
+        assert len(set(seeds.values())) == 12
         # Re-run: nothing left to do.
-        again = run_collect(problems, samples=2, store=store, cfg_hash="h1", solve_one=solve_one,
-                            lease=pool.lease, release=pool.release)
-        assert again.new == 0 and again.trajectories == 12
+        calls = len(backend.calls)
+        again = run_collect(problems, **args)
+        assert again.new == 0 and again.trajectories == 12 and len(backend.calls) == calls
+
+
+class Flaky(ReplayBackend):
+    """Fails the first request of one trajectory, like a server that went away once."""
+
+    def __init__(self, turns, bad_tag):
+        super().__init__(turns)
+        self.bad_tag, self.failed = bad_tag, False
+
+    def generate(self, requests, params):
+        if not self.failed and any(r.tag.startswith(self.bad_tag + "@") for r in requests):
+            self.failed = True
+            raise RuntimeError("model server went away")
+        return super().generate(requests, params)
 
 
 def test_failed_jobs_are_counted_and_retried(tmp_path):
     problems = load_file(FIXTURE, GSM8K, name="tiny", limit=2)
     store = Store(tmp_path / "store")
-    calls = Counter()
-
-    def flaky(p, k, kernel):
-        calls[p.id] += 1
-        if p.id == "tiny/1" and calls[p.id] == 1:
-            raise RuntimeError("model server went away")
-        return solve(p.problem, ReplayBackend(["\\boxed{2870}"]), kernel, reference=p.reference)
-
+    backend = Flaky(["\\boxed{2870}"], bad_tag="tiny/1#0")
     with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
-        args = dict(samples=1, store=store, cfg_hash="h", solve_one=flaky, lease=pool.lease,
-                    release=pool.release)
+        args = dict(samples=1, store=store, cfg_hash="h", backend=backend, pool=pool,
+                    agent_cfg=AgentConfig())
         rep = run_collect(problems, **args)
         assert rep.failed == 1 and "model server went away" in rep.errors[0]
-        assert rep.error_rate == pytest.approx(0.5)
+        assert rep.new == 1 and rep.error_rate == pytest.approx(0.5)
         rep = run_collect(problems, **args)
         assert rep.new == 1 and rep.failed == 0 and rep.trajectories == 2
 
@@ -130,55 +138,3 @@ def test_kill_9_then_resume_is_exactly_once(tmp_path):
                                                for k in range(3)}
     assert len(store.shards()) >= 3  # each run wrote its own shard
     assert all(t.final_answer == "2870" for t in raw)
-
-
-def test_batching_backend_gathers_worker_turns():
-    import threading
-    from dataclasses import dataclass
-
-    from tirforge.apps.data import BatchingBackend
-
-    @dataclass
-    class Params:
-        max_new_tokens: int = 10
-        seed: int | None = None
-
-    class Echo:
-        name = "echo"
-
-        def __init__(self):
-            self.calls = []
-
-        def generate(self, requests, params):
-            self.calls.append(list(requests))
-            if "boom" in requests:
-                raise RuntimeError("backend failed")
-            return [f"out:{r}" for r in requests]
-
-    inner = Echo()
-    b = BatchingBackend(inner, max_batch=4, wait_s=0.1)
-    results = {}
-
-    def worker(i):
-        results[i] = b.generate([f"r{i}"], Params(seed=i))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert results == {i: [f"out:r{i}"] for i in range(6)}  # each caller gets its own row
-    assert max(b.batch_sizes) > 1 and all(n <= 4 for n in b.batch_sizes)
-    assert sum(b.batch_sizes) == 6
-    # Different sampling settings are never mixed in one call.
-    b2 = BatchingBackend(Echo(), wait_s=0.1)
-    out = {}
-    ts = [threading.Thread(target=lambda i=i: out.setdefault(i, b2.generate(
-        [f"r{i}"], Params(max_new_tokens=10 + i % 2)))) for i in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(10)
-    assert all(len({int(r[1:]) % 2 for r in call}) == 1 for call in b2.backend.calls)
-    with pytest.raises(RuntimeError, match="backend failed"):
-        b.generate(["boom"], Params())

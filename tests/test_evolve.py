@@ -3,7 +3,7 @@
 import pytest
 
 from tirforge.agent.backends.replay import ReplayBackend
-from tirforge.agent.graph import solve
+from tirforge.agent.graph import AgentConfig
 from tirforge.apps.data import run_evolve
 from tirforge.executors import ExecutorConfig, KernelPool
 from tirforge.trajectories.datasets import Problem
@@ -55,19 +55,15 @@ def test_evolve_then_label_by_consensus_on_replay(tmp_path):
         return [next(v for k, v in rewrites.items() if k in p) for p in prompts]
 
     # The agent really runs code: 7+5 always; for the reverse problem the samples disagree.
-    def solve_one(p, k, kernel):
-        if "7 apples" in p.problem:
-            code = "```python\nprint(7 + 5)\n```"
-            turns = [code, "\\boxed{12}"]
-        else:
-            turns = [f"```python\nprint(5 - {2 + k % 3 // 2})\n```", f"\\boxed{{{3 - k % 3 // 2}}}"]
-        return solve(p.problem, ReplayBackend(turns), kernel)
-
+    add = ["```python\nprint(7 + 5)\n```", "\\boxed{12}"]
+    scripts = {f"gsm8k/0/change_numbers/0#{k}": add for k in range(3)}
+    scripts |= {f"gsm8k/0/reverse/0#{k}": [f"```python\nprint(5 - {2 + k % 3 // 2})\n```",
+                                            f"\\boxed{{{3 - k % 3 // 2}}}"] for k in range(3)}
     with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
         problems, stats = run_evolve(
-            [SEED], generate, label_samples=3, store=Store(tmp_path / "s"), solve_one=solve_one,
-            lease=pool.lease, release=pool.release, types=["change_numbers", "reverse"],
-            threshold=0.9,
+            [SEED], generate, label_samples=3, store=Store(tmp_path / "s"),
+            backend=ReplayBackend(scripts), pool=pool, agent_cfg=AgentConfig(),
+            types=["change_numbers", "reverse"], threshold=0.9,
         )
     by_type = {p.meta["type"]: p for p in problems}
     assert by_type["change_numbers"].reference == "12"

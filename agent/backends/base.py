@@ -44,6 +44,13 @@ class Request:
     """The same stop as plain strings, for engines and servers that take only strings."""
     on_text: Callable[[str], None] | None = None
     """Receives new text as it is generated, for backends that can stream (else unused)."""
+    seed: int | None = None
+    """This request's sampling seed, overriding ``SamplingParams.seed``, so that requests with
+    different seeds can share one batch. Servers and vLLM honour it per request; the
+    transformers backend seeds a batch with its first row's seed."""
+    tag: str = ""
+    """Which trajectory the request belongs to ("problem id#sample@run", unique within a
+    process), for backends that keep per-trajectory state (replay scripts) and for logs."""
 
 
 @dataclass

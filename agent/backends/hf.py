@@ -80,8 +80,10 @@ class TransformersBackend:
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
         prompt_len = enc["input_ids"].shape[1]
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        # One generator for the whole batch: the first row's seed stands for all of them.
+        seed = next((r.seed for r in requests if r.seed is not None), params.seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         sample = params.temperature > 0
         out = self.model.generate(
             **enc,

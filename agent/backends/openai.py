@@ -154,12 +154,14 @@ class OpenAIBackend:
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         # Samples are separate calls (not every server implements ``n``), each with its seed.
-        jobs = [
-            (r, params if params.n == 1 and i == 0 else SamplingParams(
-                **{**params.as_dict(), "n": 1,
-                   "seed": None if params.seed is None else params.seed + i}))
-            for r in requests for i in range(params.n)
-        ]
+        def sampling(r: Request, i: int) -> SamplingParams:
+            seed = r.seed if r.seed is not None else params.seed
+            if params.n == 1 and i == 0 and seed == params.seed:
+                return params
+            return SamplingParams(**{**params.as_dict(), "n": 1,
+                                     "seed": None if seed is None else seed + i})
+
+        jobs = [(r, sampling(r, i)) for r in requests for i in range(params.n)]
         return list(self._threads.map(lambda job: self._one(*job), jobs))
 
     def close(self) -> None:

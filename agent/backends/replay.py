@@ -18,12 +18,15 @@ class ReplayBackend:
     name = "replay"
 
     def __init__(self, turns: list[str] | dict[str, list[str]]):
-        """``turns``: one script, or a script per problem (matched as the start of the user
-        turn), so that many concurrent trajectories can each replay their own."""
+        """``turns``: one script, or a script per key: "problem id#sample" (from the request's
+        ``tag``) or the start of its user turn. A tagged request (the runner tags each trajectory's)
+        plays its own copy of the script, so concurrent trajectories never consume each
+        other's turns; untagged requests share and consume one script."""
         self.scripts = (
             {k: list(v) for k, v in turns.items()} if isinstance(turns, dict) else None
         )
         self.turns = [] if isinstance(turns, dict) else list(turns)
+        self._copies: dict[str, list[str]] = {}
         self.calls: list[Request] = []
         """Every request received, for inspection (what the model would have seen)."""
         self.batch_sizes: list[int] = []
@@ -47,8 +50,18 @@ class ReplayBackend:
         return out
 
     def _script(self, req: Request) -> list[str]:
-        if self.scripts is None:
-            return self.turns
+        if req.tag and req.tag in self._copies:
+            return self._copies[req.tag]
+        turns = self.turns if self.scripts is None else self._match(req)
+        if req.tag:
+            turns = self._copies[req.tag] = list(turns)
+        return turns
+
+    def _match(self, req: Request) -> list[str]:
+        assert self.scripts is not None
+        key = req.tag.rsplit("@", 1)[0]  # "problem id#sample"
+        if key in self.scripts:
+            return self.scripts[key]
         user = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
         for problem, turns in self.scripts.items():
             if user.startswith(problem):

@@ -62,7 +62,8 @@ class VLLMBackend:
         sps = [
             self._vllm.SamplingParams(
                 n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                top_p=params.top_p, seed=params.seed, stop=list(r.stop_strings) or None,
+                top_p=params.top_p, seed=params.seed if r.seed is None else r.seed,
+                stop=list(r.stop_strings) or None,
                 skip_special_tokens=True,
             )
             for r in requests
