@@ -5,7 +5,8 @@
 model) rates highest; ``weighted-majority`` sums scorer ratings per answer, as Qwen2.5-Math's
 RM-weighted voting does. A scorer is anything with ``score(trajectories) -> list[float]``: the
 trained RM (``tirforge.training.rm.RewardScorer``) or ``ExecutionScorer`` below, which needs no
-model.
+model. ``step-search`` is not a choice among finished samples but a search while solving
+(``tirforge.agent.search.step_search``): the scorer rates partial trajectories after every turn.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from tirforge.trajectories.schema import Trajectory
 
 Strategy = Literal["greedy", "majority", "best-of-n", "weighted-majority"]
 STRATEGIES: tuple[str, ...] = ("greedy", "majority", "best-of-n", "weighted-majority")
+"""What ``choose`` accepts: ways to pick one of N finished trajectories."""
+SOLVE_STRATEGIES: tuple[str, ...] = (*STRATEGIES, "step-search")
+"""Everything ``tirforge solve --strategy`` accepts: ``choose``'s strategies and step search."""
+SCORED_STRATEGIES: tuple[str, ...] = ("best-of-n", "weighted-majority", "step-search")
+"""Strategies that need a scorer."""
 
 
 class Scorer(Protocol):
@@ -71,3 +77,16 @@ def choose(
         return trajs[0]
     best = max(totals, key=lambda g: (totals[g], -g))
     return trajs[groups.index(best)]
+
+
+def summarize_answers(trajectories: Sequence[Trajectory]) -> str:
+    """One line of the answers and how often each came up, equivalent spellings grouped, most
+    common first: ``"18 ×3, 20 ×1, (none) ×1"``."""
+    groups = group_answers([t.final_answer for t in trajectories])
+    counts: dict[int, int] = {}
+    first: dict[int, str] = {}
+    for t, g in zip(trajectories, groups, strict=True):
+        counts[g] = counts.get(g, 0) + 1
+        first.setdefault(g, "(none)" if g < 0 else str(t.final_answer))
+    order = sorted(counts, key=lambda g: (g < 0, -counts[g], g))
+    return ", ".join(f"{first[g]} ×{counts[g]}" for g in order)

@@ -121,6 +121,23 @@ def solve(
     allow_network: Annotated[
         bool, typer.Option(help="Allow downloading --model from the Hugging Face hub.")
     ] = False,
+    strategy: Annotated[
+        str, typer.Option(help="greedy (one run, streamed); majority, best-of-n or "
+                          "weighted-majority (choose one of --n samples); step-search "
+                          "(beam search over turns, partial solutions rated by the scorer).")
+    ] = "greedy",
+    n: Annotated[
+        int, typer.Option("--n", help="Samples to choose among; with step-search, "
+                          "continuations sampled per kept solution per turn.")
+    ] = 4,
+    beam: Annotated[
+        int, typer.Option(help="step-search: partial solutions kept after each turn.")
+    ] = 2,
+    rm: Annotated[
+        str | None, typer.Option(help="Reward model folder (tirforge train rm) scoring "
+                                 "best-of-n, weighted-majority and step-search (default: the "
+                                 "model-free ExecutionScorer).")
+    ] = None,
 ) -> None:
     """Solve PROBLEM: the model writes Python, a Jupyter kernel runs it, the model answers."""
     import contextlib
@@ -132,11 +149,22 @@ def solve(
     from tirforge.agent.formats import get_format
     from tirforge.agent.graph import AgentConfig, solve_stream
     from tirforge.agent.models import ModelNotFoundError
+    from tirforge.agent.strategies import SCORED_STRATEGIES, SOLVE_STRATEGIES
     from tirforge.executors import ExecutorConfig, make_executor
     from tirforge.trajectories.schema import Trajectory, append_jsonl
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if strategy not in SOLVE_STRATEGIES:
+        raise typer.BadParameter(f"unknown strategy {strategy!r}; choose one of "
+                                 f"{', '.join(SOLVE_STRATEGIES)}", param_hint="--strategy")
+    if n < 1 or beam < 1:
+        raise typer.BadParameter("--n and --beam must be at least 1")
+    if strategy != "greedy" and session_db is not None:
+        raise typer.BadParameter("--session-db resumes a single run: use it with "
+                                 "--strategy greedy", param_hint="--session-db")
+    if strategy != "greedy" and temperature == 0:
+        temperature = 0.7  # N greedy samples would all be the same solution
     try:
         fmt = get_format(format)
         cfg = AgentConfig(
@@ -163,8 +191,26 @@ def solve(
     exec_cfg = ExecutorConfig(
         backend=executor, timeout=timeout, sandbox=sandbox, memory_mb=memory_mb
     )
+    scorer = None
+    if strategy in SCORED_STRATEGIES:
+        if rm is None:
+            from tirforge.agent.strategies import ExecutionScorer
+
+            scorer = ExecutionScorer()
+            console.print("note: no --rm given, scoring with the model-free ExecutionScorer "
+                          "(an answer, cells that ran cleanly, few self-corrections)", style="dim")
+        else:
+            try:
+                with console.status(f"Loading reward model {rm} ..."):
+                    from tirforge.training.rm import RewardScorer
+
+                    scorer = RewardScorer(rm)
+            except Exception as e:  # not a folder, not an RM: say so instead of a traceback
+                console.print(f"[red]error:[/red] could not load the reward model {rm}: {e}")
+                raise typer.Exit(2) from None
     kernel = None
-    if fmt.uses_tools:
+    # Sampling strategies run their N samples concurrently on a kernel pool instead.
+    if fmt.uses_tools and strategy in ("greedy", "step-search"):
         try:
             with console.status(f"Starting a {executor} kernel ..."):
                 kernel = make_executor(exec_cfg)
@@ -173,9 +219,22 @@ def solve(
             console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
             raise typer.Exit(2) from None
     checkpointer = None
+    # The N samples (or, for step-search, every finished candidate) behind the choice.
+    samples: list[Trajectory] = []
+    search_note = ""
     with contextlib.ExitStack() as stack:
         if kernel is not None:
             stack.enter_context(kernel)
+        pool = None
+        if fmt.uses_tools and strategy not in ("greedy", "step-search"):
+            from tirforge.executors import KernelPool
+
+            try:
+                with console.status(f"Starting {min(n, 8)} {executor} kernels ..."):
+                    pool = stack.enter_context(KernelPool(exec_cfg, size=min(n, 8)))
+            except Exception as e:
+                console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
+                raise typer.Exit(2) from None
         if session_db is not None:
             from langgraph.checkpoint.sqlite import SqliteSaver
 
@@ -187,31 +246,65 @@ def solve(
         status = console.status("thinking ...")
         status.start()
         try:
-            for node, item in solve_stream(
-                problem, model_backend, kernel, cfg, reference=answer,
-                model_name=model or backend, checkpointer=checkpointer, thread_id=thread_id,
-            ):
-                if isinstance(item, Trajectory):
-                    traj = item
-                    continue
-                if node == "event":
-                    if item["kind"] == "step_started":
-                        status.update("running code ..." if item["node"] == "execute"
-                                      else "thinking ...")
-                    continue
-                steps = item.get("steps")
-                if node in ("generate", "decompose") and steps:
-                    _print_step(steps[-1], len(steps))
-                elif node == "execute" and steps:
-                    _print_output(steps[-1])
-                elif node == "reflect" and steps:
-                    console.print(Text(f"↻ {steps[-1].feedback.strip()}", style="yellow"))
+            if strategy == "step-search":
+                from tirforge.agent.search import StepSearchConfig, step_search
+
+                def on_step(i: int, kept: list[Trajectory]) -> None:
+                    console.log(f"step {i}: kept " + ", ".join(
+                        f"{t.score:.2f}" + (f" [{t.final_answer}]" if t.stop_reason else "")
+                        for t in kept))
+
+                status.update(f"searching (beam {beam}, {n} continuations per step) ...")
+                res = step_search(
+                    problem, model_backend, kernel, scorer,
+                    StepSearchConfig(beam_width=beam, expansions_per_step=n, agent=cfg),
+                    reference=answer, model_name=model or backend, on_step=on_step,
+                )
+                traj, samples = res.best, res.finished
+                search_note = f"{res.steps} steps, {res.expansions} continuations"
+            elif strategy != "greedy":
+                from tirforge.agent.runner import RunnerConfig, run_many
+                from tirforge.agent.strategies import choose
+
+                status.update(f"sampling {n} solutions ...")
+                samples = run_many(
+                    [{"problem": problem, "reference": answer}], model_backend, pool, cfg,
+                    RunnerConfig(samples=n, max_concurrency=n), model_name=model or backend,
+                )
+                traj = choose(samples, strategy, scorer)
+            else:
+                for node, item in solve_stream(
+                    problem, model_backend, kernel, cfg, reference=answer,
+                    model_name=model or backend, checkpointer=checkpointer, thread_id=thread_id,
+                ):
+                    if isinstance(item, Trajectory):
+                        traj = item
+                        continue
+                    if node == "event":
+                        if item["kind"] == "step_started":
+                            status.update("running code ..." if item["node"] == "execute"
+                                          else "thinking ...")
+                        continue
+                    steps = item.get("steps")
+                    if node in ("generate", "decompose") and steps:
+                        _print_step(steps[-1], len(steps))
+                    elif node == "execute" and steps:
+                        _print_output(steps[-1])
+                    elif node == "reflect" and steps:
+                        console.print(Text(f"↻ {steps[-1].feedback.strip()}", style="yellow"))
         except ServerUnavailable as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None
         finally:
             status.stop()
     assert traj is not None
+    if strategy != "greedy":  # nothing was streamed: show the chosen solution now
+        for i, step in enumerate(traj.steps, 1):
+            _print_step(step, i)
+            if step.execution is not None:
+                _print_output(step)
+            if step.feedback:
+                console.print(Text(f"↻ {step.feedback.strip()}", style="yellow"))
     verdict_style = {"correct": "bold green", "incorrect": "bold red"}.get(
         traj.verdict or "", "bold yellow"
     )
@@ -221,6 +314,14 @@ def solve(
         + f"turns: {len(traj.steps)}   code cells: {len(traj.code_cells)}   "
         + f"time: {time.perf_counter() - t0:.1f}s"
     )
+    if strategy != "greedy":
+        from tirforge.agent.strategies import summarize_answers
+
+        what = "finished" if strategy == "step-search" else "samples"
+        console.print(f"{strategy}: {len(samples)} {what}: "
+                      + (summarize_answers(samples) if samples else "none")
+                      + (f"   ({search_note})" if search_note else "")
+                      + (f"   chosen score {traj.score:.3f}" if traj.score is not None else ""))
     if out is not None:
         append_jsonl(out, traj)
         console.print(f"trajectory appended to {out}")

@@ -44,6 +44,10 @@ class EvalConfig:
     out: Path = Path("runs/eval")
     rm: str | None = None
     """Reward model folder (``tirforge train rm``) for RM@N and RM-weighted majority."""
+    search_beam: int = 0
+    """With > 0: also run RM-guided step search (beam width B = this, M = ``n`` continuations
+    per kept trajectory per step, scored by ``rm`` or, without one, execution heuristics);
+    its accuracy is the ``search@BxM`` column."""
     executor: str = "local"
     sandbox: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -105,6 +109,9 @@ def run_benchmark(bench: str, cfg: EvalConfig, backend: Any, pool: Any) -> dict[
                 grouped[t.problem_id].append(t)
         by_run[name] = {pid: sorted(ts, key=lambda t: t.sample) for pid, ts in grouped.items()}
     row: dict[str, float] = {"problems": float(len(problems))}
+    if cfg.search_beam > 0:
+        m = max(2, cfg.n)
+        row[f"search@{cfg.search_beam}x{m}"] = _run_search(bench, problems, cfg, backend, pool)
     greedy = [ts[0] for ts in by_run["greedy"].values() if ts]
     row["greedy"] = 100.0 * sum(map(is_correct, greedy)) / max(1, len(greedy))
     if "sampled" in by_run:
@@ -126,6 +133,67 @@ def run_benchmark(bench: str, cfg: EvalConfig, backend: Any, pool: Any) -> dict[
     return row
 
 
+def _run_search(bench: str, problems: list, cfg: EvalConfig, backend: Any, pool: Any) -> float:
+    """Accuracy of RM-guided step search; one stored trajectory (the pick) per problem."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.search import StepSearchConfig, step_search
+    from tirforge.agent.strategies import ExecutionScorer
+    from tirforge.trajectories.store import Store, config_hash
+
+    m = max(2, cfg.n)
+    agent = AgentConfig(format=cfg.format, max_turns=cfg.max_turns, cell_timeout=cfg.timeout,
+                        sampling=SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                                temperature=cfg.temperature, top_p=cfg.top_p))
+    sc = StepSearchConfig(beam_width=cfg.search_beam, expansions_per_step=m, agent=agent)
+    cfg_hash = config_hash({"model": cfg.model, "search": asdict(sc), "rm": cfg.rm})
+    store = Store(cfg.out / _slug(cfg.model) / bench / f"search-{cfg.search_beam}x{m}")
+    scorer: Any = ExecutionScorer()
+    if cfg.rm is not None:
+        from tirforge.training.rm import RewardScorer
+
+        scorer = RewardScorer(cfg.rm)
+    # Searches run in threads, each with its own kernel; the model and the RM are shared, so
+    # their calls take turns (a search's B x M continuations already form one batch).
+    lock = threading.Lock()
+
+    class Locked:
+        name = getattr(backend, "name", "")
+
+        def generate(self, reqs, params):
+            with lock:
+                return backend.generate(reqs, params)
+
+    class LockedScorer:
+        def score(self, trajs):
+            with lock:
+                return scorer.score(trajs)
+
+    with store:
+        done = {t.problem_id for t in store if t.config_hash == cfg_hash}
+
+        def one(p) -> None:
+            with pool.kernel() as kernel:
+                res = step_search(p.problem, Locked(), kernel, LockedScorer(), sc,
+                                  reference=p.reference, problem_id=p.id, model_name=cfg.model)
+            res.best.sample, res.best.config_hash = 0, cfg_hash
+            store.add(res.best)
+
+        todo = [p for p in problems if p.id not in done]
+        with ThreadPoolExecutor(max(1, cfg.concurrency)) as ex:
+            for fut in [ex.submit(one, p) for p in todo]:
+                try:
+                    fut.result()
+                except Exception as e:  # counted as wrong; a re-run retries it
+                    console.print(f"[yellow]{bench}/search: {type(e).__name__}: {e}[/yellow]")
+        picks = {t.problem_id: t for t in store if t.config_hash == cfg_hash}
+    return 100.0 * sum(is_correct(picks[p.id]) for p in problems if p.id in picks) / max(
+        1, len(problems))
+
+
 def _add_rm_scores(groups: list[list], rm: str) -> None:
     from tirforge.training.rm import RewardScorer
 
@@ -142,8 +210,9 @@ def _slug(model: str) -> str:
 
 def render(rows: dict[str, dict[str, float]], cfg: EvalConfig) -> tuple[Table, str, dict]:
     """The result as a rich table, Markdown and JSON, with an average row."""
+    search = f"search@{cfg.search_beam}x{max(2, cfg.n)}"
     cols = ["greedy"] + [c for c in (f"maj@{cfg.n}", f"rm@{cfg.n}", f"rm_maj@{cfg.n}",
-                                     f"pass@{cfg.n}") if any(c in r for r in rows.values())]
+                                     f"pass@{cfg.n}", search) if any(c in r for r in rows.values())]
     avg = {c: sum(r[c] for r in rows.values()) / len(rows) for c in cols if rows}
     title = f"{cfg.model} · {cfg.format} · n={cfg.n}"
     table = Table(title=title)
@@ -181,6 +250,9 @@ def eval_command(
     ),
     n: Annotated[int, typer.Option(help="Samples per problem for maj@N / RM@N.")] = 1,
     rm: Annotated[str | None, typer.Option(help="Reward model folder for RM@N.")] = None,
+    search_beam: Annotated[int, typer.Option(
+        help="Also run RM-guided step search with this beam width (M = --n continuations "
+             "per step); 0: off.")] = 0,
     limit: Annotated[int | None, typer.Option(help="First N problems of each set.")] = None,
     temperature: Annotated[float, typer.Option(help="Temperature of the N samples.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="top-p of the N samples.")] = 0.8,
@@ -209,7 +281,7 @@ def eval_command(
         benchmarks=names, model="replay" if replay else model, format=format, n=n,
         temperature=temperature, top_p=top_p, limit=limit, max_turns=max_turns,
         max_new_tokens=max_new_tokens, timeout=timeout, concurrency=concurrency, out=out, rm=rm,
-        executor=executor, sandbox=sandbox,
+        search_beam=search_beam, executor=executor, sandbox=sandbox,
     )
     try:
         backend_obj = _make_backend(model, replay, allow_network, max_batch=concurrency,

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tirforge.agent.strategies import ExecutionScorer, choose
+from tirforge.agent.backends.base import Completion, Request, SamplingParams
+from tirforge.agent.strategies import ExecutionScorer, choose, summarize_answers
 from tirforge.executors import ExecutionResult
 from tirforge.trajectories.schema import Step, Trajectory
 
@@ -11,6 +12,34 @@ def traj(answer, ok=True, feedback=None):
     step = Step(text="t", code="x", execution=ExecutionResult(
         error_name=None if ok else "NameError"), feedback=feedback)
     return Trajectory(problem="q", final_answer=answer, steps=[step])
+
+
+class Scripted:
+    """A deterministic, stateless model: ``turns[t]`` lists the alternatives of turn t, and
+    sample i of a request with seed s (the request's, else the call's; 0 if None) plays
+    alternative ``(s + i) % len``. The turn
+    is the number of script turns already in the prefix, so concurrent trajectories, forked
+    search branches and N-sample runs (seed + sample) all get their own path."""
+
+    name = "scripted"
+
+    def __init__(self, turns: list[list[str]]):
+        self.turns = turns
+        self.calls: list[tuple[int, int]] = []
+        """(requests, n) of every call."""
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        self.calls.append((len(requests), params.n))
+        out = []
+        for req in requests:
+            t = sum(any(alt in req.prefix for alt in alts) for alts in self.turns)
+            alts = self.turns[min(t, len(self.turns) - 1)]
+            seed = getattr(req, "seed", None)
+            seed = params.seed if seed is None else seed
+            for i in range(params.n):
+                text = alts[((seed or 0) + i) % len(alts)]
+                out.append(Completion(text=text, finish_reason="stop", n_tokens=len(text.split())))
+        return out
 
 
 class Fixed:
@@ -41,7 +70,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="needs a scorer"):
         choose([traj("1"), traj("2")], "best-of-n")
     with pytest.raises(ValueError, match="unknown strategy"):
-        choose([traj("1")], "beam")
+        choose([traj("1")], "step-search")  # a search, not a choice among samples
     with pytest.raises(ValueError, match="no trajectories"):
         choose([], "greedy")
 
@@ -51,3 +80,63 @@ def test_execution_scorer_prefers_clean_answered_runs():
     s = ExecutionScorer().score([clean, broken, silent])
     assert s[0] > s[1] > s[2]
     assert choose([broken, clean], "best-of-n", ExecutionScorer()) is clean
+
+
+def test_summarize_answers_groups_and_counts():
+    ts = [traj("1/2"), traj("7"), traj("0.5"), traj(None), traj("\\frac{1}{2}")]
+    assert summarize_answers(ts) == "1/2 ×3, 7 ×1, (none) ×1"
+
+
+# -- `tirforge solve --strategy ...` on the scripted model ----------------------------------
+
+GOOD = "```python\nprint(6 * 7)\n```"
+BAD = "```python\nprint(six * 7)\n```"
+# Sample k (seed 0 + k) plays alternative k of each turn: sample 0 runs clean code and answers
+# 42; sample 1 fails (NameError, a reflection) and answers 41; sample 2 runs clean, answers 41.
+SAMPLES = [[GOOD, BAD, GOOD], ["So \\boxed{42}.", "So \\boxed{41}.", "So \\boxed{41}."]]
+
+
+def solve_cli(monkeypatch, turns, *args):
+    from typer.testing import CliRunner
+
+    from tirforge.apps.cli import app
+
+    backend = Scripted(turns)
+    monkeypatch.setattr("tirforge.agent.backends.make_backend", lambda *a, **k: backend)
+    r = CliRunner().invoke(app, ["solve", "What is 6 * 7?", "--answer", "42", "--seed", "0",
+                                 "--max-turns", "4", *args])
+    return r, backend
+
+
+@pytest.mark.parametrize("strategy,chosen", [
+    ("majority", "41"),           # two votes against one
+    ("best-of-n", "42"),          # ExecutionScorer: clean code, no reflection
+    ("weighted-majority", "41"),  # 1.5 + 0.9 for 41 against 1.5 for 42
+])
+def test_solve_cli_chooses_among_n_samples(monkeypatch, strategy, chosen):
+    r, backend = solve_cli(monkeypatch, SAMPLES, "--strategy", strategy, "--n", "3")
+    assert r.exit_code == 0, r.output
+    assert f"final answer: {chosen}" in r.output
+    assert f"{strategy}: 3 samples: 41 ×2, 42 ×1" in r.output
+    assert ("ExecutionScorer" in r.output) == (strategy != "majority")
+    assert "python [1]" in r.output and "output" in r.output  # the chosen solution is shown
+    assert all(n == 1 for _, n in backend.calls)
+
+
+def test_solve_cli_step_search(monkeypatch):
+    from .test_search import TURNS
+
+    r, backend = solve_cli(monkeypatch, TURNS, "--strategy", "step-search", "--n", "2",
+                           "--beam", "2")
+    assert r.exit_code == 0, r.output
+    assert "step-search: 4 finished: 42 ×2, 13 ×2" in r.output
+    assert "3 steps, 10 continuations" in r.output and "step 3: kept" in r.output
+    assert backend.calls == [(1, 2), (2, 2), (2, 2)]  # one batched call per step
+
+
+def test_solve_cli_rejects_bad_options(monkeypatch, tmp_path):
+    r, _ = solve_cli(monkeypatch, SAMPLES, "--strategy", "beam")
+    assert r.exit_code == 2 and "unknown strategy" in r.output
+    r, _ = solve_cli(monkeypatch, SAMPLES, "--strategy", "best-of-n", "--rm",
+                     str(tmp_path / "missing"))
+    assert r.exit_code == 2 and "could not load the reward model" in r.output

@@ -1,0 +1,346 @@
+"""Reward-guided step-level beam search over the tool-integrated reasoning loop.
+
+Sample-then-choose strategies (``tirforge.agent.strategies.choose``) judge whole solutions;
+step search uses the scorer while solving: after every model turn (plus its code cell and any
+reflection) it samples M continuations of each kept partial trajectory, scores all B×M
+partial trajectories, keeps the best B and goes on until every kept trajectory has finished
+(answered, or ended by the agent's budgets) or the search's own budgets run out.
+
+The loop is the compiled graph of ``tirforge.agent.graph``, not a re-implementation: each
+search node is a LangGraph checkpoint paused before ``generate`` (``interrupt_before``), and
+expanding a node resumes the graph from that checkpoint for exactly one turn, so the search tree
+is the checkpoint tree of one thread (each resume forks it). The M continuations of all open
+nodes are drawn in one batched backend call (``SamplingParams.n = M``) and handed to the graph
+one by one.
+
+Kernel state: every candidate needs the namespace its own earlier cells built. One kernel is
+shared, and before a candidate runs its first cell the kernel is brought to that candidate's
+state by replaying its earlier cells (after a reset, unless the kernel already holds a prefix
+of them). This is correct for deterministic code and needs one kernel whatever B and M are; it
+costs re-running earlier cells (O(steps) cells per expansion) and replays recompute rather than
+restore: unseeded randomness or wall-clock reads may differ from what the model saw. Cells
+that timed out are not replayed (each replay would wait the full timeout again), so their
+partial side effects are lost; cells before a kernel restart are dropped, as the restart lost
+them too.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
+from tirforge.agent.graph import (
+    AgentConfig,
+    AgentState,
+    GenerateFn,
+    build_graph,
+    initial_state,
+    run_config,
+    to_trajectory,
+)
+from tirforge.agent.strategies import Scorer
+from tirforge.executors.base import Executor
+from tirforge.executors.result import ExecutionResult
+from tirforge.trajectories.grading import extract_boxed
+from tirforge.trajectories.schema import Trajectory
+
+# Checkpoints hold Step / ExecutionResult models: allow exactly those to be deserialised.
+_SERDE_MODULES = [
+    ("tirforge.trajectories.schema", "Step"),
+    ("tirforge.executors.result", "ExecutionResult"),
+]
+
+
+def _default_agent() -> AgentConfig:
+    # Greedy decoding would give M identical continuations: sample as Qwen2.5-Math's eval does.
+    return AgentConfig(sampling=SamplingParams(temperature=0.7, top_p=0.8))
+
+
+@dataclass
+class StepSearchConfig:
+    """Beam width, branching and budgets of a step search, and the agent it drives."""
+
+    beam_width: int = 2
+    """Partial trajectories kept after each step (B). Finished trajectories keep their place
+    in the beam while they score among the best B; the search ends when all B have finished."""
+    expansions_per_step: int = 4
+    """Continuations sampled from every open (unfinished) kept trajectory per step (M): up to
+    B×M candidates are run and scored per step."""
+    max_steps: int | None = None
+    """Expansion rounds at most (None: ``agent.max_turns``, after which the agent's turn
+    budget has ended every candidate anyway)."""
+    max_expansions: int | None = None
+    """Sampled continuations at most over the whole search (None: no limit), i.e. a cap on
+    model turns generated; when fewer than B×M are left, the best beams are expanded first."""
+    dedupe: bool = True
+    """Drop a continuation whose text equals a sibling's: identical children would fill the
+    beam with one path (with greedy decoding every sibling is a duplicate)."""
+    agent: AgentConfig = field(default_factory=_default_agent)
+    """Prompt format, per-trajectory budgets (turns, tokens) and sampling of each turn. Needs
+    a temperature above 0 for the M continuations to differ. ``max_time_s`` bounds the
+    search's wall time (generation runs in batches, so per-step ``gen_s`` is ~0 under
+    search and the agent's own time budget counts only execution)."""
+
+
+@dataclass
+class SearchResult:
+    """What a step search found."""
+
+    best: Trajectory
+    """The highest-scoring finished trajectory seen (ties: the earliest to finish). If the
+    search's budget ran out before anything finished, the best partial trajectory, with
+    ``stop_reason="max_turns"``."""
+    finished: list[Trajectory]
+    """Every finished candidate, kept in the beam or not, in the order they finished; each
+    carries its ``score``."""
+    steps: int = 0
+    """Expansion rounds run."""
+    expansions: int = 0
+    """Continuations sampled (model turns generated, duplicates included)."""
+    beam_scores: list[list[float]] = field(default_factory=list)
+    """Scores of the kept beam after each step, best first."""
+    replayed_cells: int = 0
+    """Cells re-run to restore kernel state (the price of sharing one kernel)."""
+
+
+@dataclass
+class _Node:
+    config: dict
+    """LangGraph config of the checkpoint this node is (thread + checkpoint id)."""
+    state: AgentState
+    done: bool
+    traj: Trajectory | None = None
+    score: float = 0.0
+
+
+def next_request(state: AgentState, cfg: AgentConfig) -> tuple[Request, SamplingParams]:
+    """The request (and sampling) the graph's ``generate`` node makes in ``state``; mirrors
+    ``_Nodes.generate_request`` and ``_params``, and ``_Fixed`` checks that it still does."""
+    fmt = cfg.fmt
+    req = Request(
+        messages=state["messages"],
+        prefix=fmt.render_prefix(state["steps"]),
+        stop=fmt.stop if fmt.uses_tools else None,
+        stop_strings=fmt.stop_strings,
+    )
+    left = cfg.sampling.max_new_tokens
+    if cfg.max_tokens is not None:
+        left = min(left, cfg.max_tokens - state.get("tokens", 0))
+    return req, replace(cfg.sampling, max_new_tokens=max(1, left), n=1)
+
+
+def _fixed(completion: Completion, prefix: str) -> GenerateFn:
+    """A one-shot backend for the graph: the continuation that was already sampled."""
+    used = False
+
+    def generate(req: Request, params: SamplingParams) -> Completion:
+        nonlocal used
+        if used:
+            raise RuntimeError("step search: the graph asked for a second turn in one step")
+        if req.prefix != prefix:
+            raise RuntimeError("step search: the graph's generate request no longer matches "
+                               "search.next_request (was graph.py changed?)")
+        used = True
+        return completion
+
+    return generate
+
+
+def replay_cells(state: AgentState) -> list[str]:
+    """The cells that rebuild ``state``'s kernel namespace (see the module docstring)."""
+    cells: list[str] = []
+    for step in state["steps"]:
+        res = step.execution
+        if res is None or step.code is None:
+            continue
+        if res.restarted:
+            cells = []
+        elif not res.timed_out:
+            cells.append(step.code)
+    return cells
+
+
+class _SharedKernel:
+    """One kernel serving every candidate; ``cells`` is what it has run since its last reset
+    (None: unknown, e.g. after a timeout; the next candidate resets it)."""
+
+    def __init__(self, kernel: Executor, timeout: float):
+        self.kernel, self.timeout = kernel, timeout
+        self.cells: list[str] | None = None  # a kernel we are handed may hold anything
+        self.replayed = 0
+
+    def prepare(self, cells: list[str]) -> None:
+        have = self.cells
+        if have is None or have != cells[: len(have)]:
+            self.kernel.reset()
+            have = []
+        clean = True
+        for code in cells[len(have):]:
+            res = self.kernel.run(code, self.timeout)
+            self.replayed += 1
+            clean = clean and not (res.timed_out or res.restarted)
+        # A replay that timed out or lost the kernel leaves it in an unknown state.
+        self.cells = list(cells) if clean else None
+
+    def run(self, code: str, timeout: float | None) -> ExecutionResult:
+        res = self.kernel.run(code, timeout)
+        if res.restarted:
+            self.cells = []
+        elif res.timed_out or self.cells is None:
+            self.cells = None
+        else:
+            self.cells.append(code)
+        return res
+
+
+class _CandidateKernel:
+    """The kernel as one candidate sees it: restored to its cells on its first run only, so
+    candidates that answer without code cost nothing."""
+
+    def __init__(self, shared: _SharedKernel, cells: list[str]):
+        self.shared, self.cells, self.ready = shared, cells, False
+
+    def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        if not self.ready:
+            self.shared.prepare(self.cells)
+            self.ready = True
+        return self.shared.run(code, timeout)
+
+
+def _sample(
+    backend: Backend, states: list[AgentState], cfg: AgentConfig, m: int, seed: int | None
+) -> list[list[Completion]]:
+    """``m`` continuations of every state, one backend call per distinct sampling setting."""
+    reqs = [next_request(s, cfg) for s in states]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, params) in enumerate(reqs):
+        groups.setdefault(tuple(sorted(params.as_dict().items())), []).append(i)
+    out: list[list[Completion]] = [[] for _ in states]
+    for idx in groups.values():
+        params = replace(reqs[idx[0]][1], n=m, seed=seed)
+        comps = backend.generate([reqs[i][0] for i in idx], params)
+        if len(comps) != len(idx) * m:
+            raise RuntimeError(f"backend returned {len(comps)} completions for "
+                               f"{len(idx)} requests x n={m}")
+        for k, i in enumerate(idx):
+            out[i] = comps[k * m : (k + 1) * m]
+    return out
+
+
+def step_search(
+    problem: str,
+    backend: Backend,
+    kernel: Executor | None,
+    scorer: Scorer,
+    config: StepSearchConfig | None = None,
+    *,
+    reference: str | None = None,
+    problem_id: str | None = None,
+    model_name: str = "",
+    on_step: Callable[[int, list[Trajectory]], None] | None = None,
+) -> SearchResult:
+    """Solve ``problem`` by step-level beam search guided by ``scorer``.
+
+    ``kernel`` is one started (or startable) executor, reset and replayed as candidates
+    alternate; None only for formats without code. ``on_step(step, beam)`` sees the kept
+    trajectories (best first, with scores) after each step. Finished trajectories are graded
+    against ``reference``; partial ones reach the scorer ungraded.
+    """
+    sc = config or StepSearchConfig()
+    cfg = sc.agent
+    if sc.beam_width < 1 or sc.expansions_per_step < 1:
+        raise ValueError("beam_width and expansions_per_step must be at least 1")
+    if cfg.fmt.uses_tools and kernel is None:
+        raise ValueError(f"format {cfg.format!r} runs code: give a kernel")
+    saver = InMemorySaver(serde=JsonPlusSerializer(allowed_msgpack_modules=_SERDE_MODULES))
+    graph = build_graph(None, None, cfg, checkpointer=saver)
+    thread = uuid.uuid4().hex
+    shared = _SharedKernel(kernel, cfg.cell_timeout) if kernel is not None else None
+    name = model_name or getattr(backend, "name", "")
+    t0 = time.perf_counter()
+
+    def snapshot() -> _Node:
+        # Expansions run one at a time, so the thread's latest checkpoint is the one just made.
+        snap = graph.get_state({"configurable": {"thread_id": thread}})
+        return _Node(config=snap.config, state=snap.values, done=not snap.next)
+
+    def trajectory(node: _Node) -> Trajectory:
+        return to_trajectory(
+            node.state, cfg, reference=reference if node.done else None,
+            problem_id=problem_id, model_name=name, total_s=time.perf_counter() - t0,
+        )
+
+    def run(node_config: dict | None, gen: Any, cells: list[str]) -> _Node:
+        runner = _CandidateKernel(shared, cells) if shared is not None else None
+        rc = run_config(cfg, runner, thread, gen)
+        if node_config is not None:  # resume (and so fork) from this node's checkpoint
+            rc["configurable"].update(node_config["configurable"])
+        graph.invoke(None if node_config else initial_state(problem, cfg), rc,
+                     interrupt_before=["generate"])
+        return snapshot()
+
+    # The root: the decomposition turn (formats that have one), paused before generating.
+    beam = [run(None, backend, [])]
+    result = SearchResult(best=trajectory(beam[0]), finished=[])
+    if beam[0].done:
+        beam[0].traj = result.best
+        result.finished.append(result.best)
+    max_steps = cfg.max_turns if sc.max_steps is None else sc.max_steps
+    while result.steps < max_steps:
+        open_ = [n for n in beam if not n.done]
+        if not open_:
+            break
+        if cfg.max_time_s is not None and time.perf_counter() - t0 >= cfg.max_time_s:
+            break
+        m = sc.expansions_per_step
+        if sc.max_expansions is not None:
+            left = sc.max_expansions - result.expansions
+            if left <= 0:
+                break
+            if left < m * len(open_):  # the beam is sorted: the best nodes go first
+                m = max(1, left // len(open_))
+                open_ = open_[:left]
+        seed = None if cfg.sampling.seed is None else cfg.sampling.seed + result.steps
+        samples = _sample(backend, [n.state for n in open_], cfg, m, seed)
+        result.expansions += len(open_) * m
+        children: list[_Node] = []
+        for node, comps in zip(open_, samples, strict=True):
+            prefix = next_request(node.state, cfg)[0].prefix
+            seen: set[str] = set()
+            for c in comps:
+                if sc.dedupe and c.text in seen:
+                    continue
+                seen.add(c.text)
+                children.append(run(node.config, _fixed(c, prefix), replay_cells(node.state)))
+        for child in children:
+            child.traj = trajectory(child)
+        scores = scorer.score([c.traj for c in children]) if children else []
+        for child, s in zip(children, scores, strict=True):
+            child.score = child.traj.score = float(s)
+            if child.done:
+                result.finished.append(child.traj)
+        # Finished beams compete again (listed first, so they win ties); sorted() is stable.
+        pool = [n for n in beam if n.done] + children
+        beam = sorted(pool, key=lambda n: -n.score)[: sc.beam_width]
+        result.steps += 1
+        result.beam_scores.append([n.score for n in beam])
+        if on_step is not None:
+            on_step(result.steps, [n.traj for n in beam if n.traj is not None])
+    if shared is not None:
+        result.replayed_cells = shared.replayed
+    if result.finished:
+        result.best = max(result.finished, key=lambda t: t.score or 0.0)
+    elif beam[0].traj is not None:  # budget out before anything finished: best partial
+        best = beam[0]
+        answer = extract_boxed(cfg.fmt.render_prefix(best.state["steps"]))
+        best.state = {**best.state, "final_answer": answer, "stop_reason": "max_turns"}
+        best.done = True
+        result.best = trajectory(best).model_copy(update={"score": best.score})
+    return result
