@@ -134,3 +134,20 @@ def test_cli_server_down_exits_cleanly():
     ])
     assert res.exit_code == 2
     assert "is it running" in " ".join(res.output.split())  # rich wraps long lines
+
+
+def test_streaming_gives_the_same_text_in_chunks(server, model_path):
+    """With ``on_text`` the backend streams (server-sent events): the chunks arrive one by one
+    and join to exactly the text the non-streaming call returns, on both endpoints."""
+    # transformers serve has no continue_final_message: the chat case starts a fresh turn.
+    for endpoint, tok, prefix in (("completions", model_path, "Let me"), ("chat", None, "")):
+        remote = OpenAIBackend(server, model=model_path, tokenizer=tok, endpoint=endpoint)
+        params = SamplingParams(max_new_tokens=10)
+        plain = remote.generate(reqs(prefix)[:1], params)[0]
+        chunks: list[str] = []
+        req = reqs(prefix)[0]
+        req.on_text = chunks.append
+        streamed = remote.generate([req], params)[0]
+        assert len(chunks) > 1, endpoint  # really streamed, not one chunk at the end
+        assert "".join(chunks) == streamed.text == plain.text, endpoint
+        assert streamed.finish_reason == plain.finish_reason

@@ -110,8 +110,6 @@ class OpenAIBackend:
             why = "stop"
         else:
             why = "length" if reason == "length" else "eos"
-        if req.on_text is not None and text:
-            req.on_text(text)  # no token streaming over HTTP here: one chunk per turn
         return Completion(text=text, finish_reason=why, n_tokens=n_tokens,
                           extra={"endpoint": self.endpoint_used})
 
@@ -135,19 +133,49 @@ class OpenAIBackend:
         head = self.template.apply_chat_template(
             req.messages, add_generation_prompt=True, tokenize=False
         )
-        r = self._retry(lambda: self.client.completions.create(
-            model=self.model, prompt=head + req.prefix, **kw))
+        def call(**more):
+            return self.client.completions.create(
+                model=self.model, prompt=head + req.prefix, **kw, **more)
+
+        if req.on_text is not None:
+            return self._streamed(req, call, lambda c: c.text)
+        r = self._retry(call)
         choice = r.choices[0]
         n = r.usage.completion_tokens if r.usage else 0
         return self._finish(req, choice.text, choice.finish_reason, n)
+
+    def _streamed(self, req: Request, call, text_of) -> Completion:
+        """Server-sent chunks go to ``req.on_text`` as they arrive (token events). Only
+        opening the stream is retried: a stream that breaks midway has already shown text."""
+        assert req.on_text is not None
+        stream = self._retry(lambda: call(stream=True))
+        parts: list[str] = []
+        reason, n = None, 0
+        for chunk in stream:
+            if chunk.choices:
+                choice = chunk.choices[0]
+                text = text_of(choice) or ""
+                if text:
+                    parts.append(text)
+                    n += 1  # one token per chunk unless the server reports usage
+                    req.on_text(text)
+                reason = choice.finish_reason or reason
+            if getattr(chunk, "usage", None):
+                n = chunk.usage.completion_tokens
+        return self._finish(req, "".join(parts), reason, n)
 
     def _chat(self, req: Request, kw: dict) -> Completion:
         messages, extra = list(req.messages), None
         if req.prefix:
             messages.append({"role": "assistant", "content": req.prefix})
             extra = {"continue_final_message": True, "add_generation_prompt": False}
-        r = self._retry(lambda: self.client.chat.completions.create(
-            model=self.model, messages=messages, extra_body=extra, **kw))
+        def call(**more):
+            return self.client.chat.completions.create(
+                model=self.model, messages=messages, extra_body=extra, **kw, **more)
+
+        if req.on_text is not None:
+            return self._streamed(req, call, lambda c: c.delta.content)
+        r = self._retry(call)
         choice = r.choices[0]
         n = r.usage.completion_tokens if r.usage else 0
         return self._finish(req, choice.message.content or "", choice.finish_reason, n)
