@@ -29,6 +29,9 @@ register_data_commands(app)  # collect, evolve, select, export
 from tirforge.apps.train import register as register_train_commands  # noqa: E402
 
 register_train_commands(app)  # train sft|rm|dpo|grpo, score
+from tirforge.apps.loop import register as register_loop_command  # noqa: E402
+
+register_loop_command(app)  # loop
 console = Console()
 
 
@@ -352,6 +355,11 @@ def chat(
         "../shared/data"
     ),
     allow_network: Annotated[bool, typer.Option(help="Allow hub downloads of --model.")] = False,
+    rm: Annotated[str | None, typer.Option(
+        "--rm", help="Reward model folder (tirforge train rm) scoring best-of-n and offering "
+        "RM-weighted majority; without it best-of-n uses execution heuristics.")] = None,
+    samples: Annotated[int, typer.Option(help="Default N for best-of-n / majority.")] = 4,
+    max_samples: Annotated[int, typer.Option(help="Largest N offered (kernels: N - 1 more).")] = 8,
 ) -> None:
     """Serve the chat app: type a problem, watch the model write and run code, and answer."""
     from tirforge.agent.backends import make_backend
@@ -373,7 +381,8 @@ def chat(
         AgentConfig(format=format, max_turns=max_turns, cell_timeout=timeout,
                     sampling=SamplingParams(max_new_tokens=max_new_tokens)),
         ChatConfig(host=host, port=port, max_sessions=max_sessions,
-                   db_path=str(db) if db else None, examples=benchmark_examples(data_dir)),
+                   db_path=str(db) if db else None, examples=benchmark_examples(data_dir),
+                   rm_path=rm, samples=samples, max_samples=max_samples),
         model_name=model,
     )
     print(f"tirforge chat on http://{host}:{port} (the model loads in the background)")

@@ -27,8 +27,9 @@ from tirforge.trajectories.schema import Step, Trajectory
 pytestmark = pytest.mark.timeout(300)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
-# Problem keyword -> the assistant turns the "model" plays, one per call.
-SCRIPTS = {
+# Problem keyword -> the assistant turns the "model" plays, one per call; or a list of such
+# scripts, which successive samples of the problem cycle through.
+SCRIPTS: dict[str, list] = {
     "squares": [
         "I will add the squares with Python.\n```python\nx = sum(i**2 for i in range(1, 21))\n"
         "print(x)\n```",
@@ -43,19 +44,44 @@ SCRIPTS = {
         "plt.plot([1, 2, 3]); plt.savefig(buf, format='png')\ndisplay(Image(buf.getvalue()))\n```",
         "\\boxed{3}",
     ],
+    # Samples 1 and 3 answer 7 after a failed cell (execution score 1 + 0.5 * 1/2 - 0.1 = 1.15),
+    # sample 2 answers 9 cleanly (1.5): majority picks sample 1, best-of-n sample 2. Each leaves
+    # its own `picked` in its kernel, so a follow-up shows whose kernel the session kept.
+    "vote": [
+        ["```python\npicked = 7\nprint(undefined_name)\n```", "```python\nprint(picked)\n```",
+         "So \\boxed{7}"],
+        # (a short nap keeps the progress "sample 2/3" on screen long enough to be seen)
+        ["```python\npicked = 9\nimport time\ntime.sleep(0.5)\nprint(picked)\n```",
+         "So \\boxed{9}"],
+        ["```python\npicked = 7\nprint(undefined_name)\n```", "```python\nprint(picked)\n```",
+         "So \\boxed{7}"],
+    ],
+    "chosen": ["```python\nprint('picked', picked)\n```", "\\boxed{0}"],
+    # The first sample answers at once, the second runs a long cell (for Stop).
+    "nap": [["\\boxed{1}"], ["```python\nimport time\ntime.sleep(120)\n```", "\\boxed{2}"]],
 }
 
 
 class ScriptedBackend:
-    """Picks the script by the problem's keyword; the turn by the outputs already seen."""
+    """Picks the script by the problem's keyword (a new sample of a problem with several
+    scripts takes the next one); the turn by the outputs already seen."""
 
     name = "scripted"
+
+    def __init__(self) -> None:
+        self.starts: dict[str, int] = {}
 
     def generate(self, requests, params):
         out = []
         for r in requests:
             user = r.messages[-1]["content"].rsplit("New question:", 1)[-1]
-            script = next(v for k, v in SCRIPTS.items() if k in user)
+            key, script = next((k, v) for k, v in SCRIPTS.items() if k in user)
+            if isinstance(script[0], list):  # several samples
+                if "```output" not in r.prefix:  # a sample starts
+                    i = self.starts[key] = self.starts.get(key, -1) + 1
+                    script = script[i % len(script)]
+                else:
+                    script = next(v for v in script if v[0] in r.prefix)
             text = script[min(r.prefix.count("```output"), len(script) - 1)]
             if r.on_text is not None:  # stream it in chunks, like a model would
                 for i in range(0, len(text), 16):
@@ -129,7 +155,8 @@ def app_url(tmp_path_factory):
         ScriptedBackend,
         ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
         AgentConfig(max_turns=4, cell_timeout=60),
-        ChatConfig(max_sessions=3, db_path=str(db), examples=["What is 2 + 2?"]),
+        ChatConfig(max_sessions=3, db_path=str(db), examples=["What is 2 + 2?"],
+                   max_samples=3, samples=3),
         model_name="scripted",
     )
     assert server.wait_ready(120) and not server.sandbox_error and not server.load_error
@@ -274,6 +301,45 @@ def test_reload_shows_the_conversation_again(app_url, browser):
     page.reload()
     wait_for(page, "to be saved", timeout=30)
     wait_for(page, "Final answer", timeout=30)
+    ctx.close()
+
+
+def test_best_of_n_in_the_browser(app_url, browser):
+    """Best-of-n from the settings panel: progress while sampling, then the chosen sample's
+    steps and answer, and a collapsed summary of all samples saying which won and why."""
+    url, server = app_url
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.goto(url)
+    assert not page.locator("#n-samples").is_visible()  # greedy: no N
+    page.locator("#strategy").get_by_text("best-of-n").click()
+    page.locator("#n-samples").wait_for(state="visible")
+    page.locator("#scorer-note").get_by_text("no RM loaded").wait_for()
+    # The progress line lives a fraction of a second with the scripted model: record it as
+    # the page draws it rather than hoping a poll lands on it.
+    page.evaluate("""() => {
+        const chat = document.querySelector('#chat');
+        window.progress = [];
+        new MutationObserver(() => {
+            const m = chat.textContent.match(/sample \\d\\/3/);
+            if (m && !window.progress.includes(m[0])) window.progress.push(m[0]);
+        }).observe(chat, {subtree: true, childList: true, characterData: true});
+    }""")
+    ask(page, "Let the samples vote")
+    wait_for(page, "picked sample 2 of 3")
+    wait_idle(server)
+    assert "sample 2/3" in page.evaluate("window.progress")
+    text = chat_text(page)
+    assert "Final answer" in text and "Code cell 1" in text
+    page.locator("#chat").get_by_text("picked sample 2 of 3").click()  # open the summary
+    page.locator("#chat").get_by_text("execution heuristics").first.wait_for(state="visible")
+    page.locator("#chat").get_by_text("Code cell 1").first.click()
+    page.locator("#chat").get_by_text("picked = 9").first.wait_for(state="visible")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-best-of-n.png"), full_page=True)
+    s = next(s for s in server.sessions.values() if s.samples)
+    assert [t.final_answer for t in s.samples] == ["7", "9", "7"]
+    assert s.trajectories[-1].final_answer == "9"
     ctx.close()
 
 
