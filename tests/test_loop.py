@@ -1,0 +1,297 @@
+"""`tirforge loop` end to end: a replay backend plays correct (or wrong) TIR solutions in real
+sandboxed kernels, selection yields data, and SFT really trains a tiny random Llama with the
+SmolLM2 tokenizer; then resume, interruption between stages, zero data, and the CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tirforge.agent.backends.replay import ReplayBackend
+from tirforge.apps.loop import (
+    LoopConfig,
+    bootstrap_ci,
+    check_disjoint,
+    complete_model,
+    load_splits,
+    run_loop,
+    split_problems,
+)
+from tirforge.trajectories.datasets import Problem
+
+from .training_utils import tiny_model_dir
+
+pytestmark = pytest.mark.timeout(300)
+CONFIGS = Path(__file__).parents[1] / "configs"
+K = 2
+
+
+def write_problems(tmp_path: Path, n: int = 10) -> Path:
+    path = tmp_path / "toy.jsonl"
+    rows = [{"problem": f"Tom has {i + 3} apples and buys {2 * i + 1} more. How many now?",
+             "answer": str(3 * i + 4)} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def scripts(data: Path, wrong: bool | None = None) -> dict[str, list[str]]:
+    """A replay script per (problem, sample): two distinct code paths per problem; answers are
+    right on even rows and wrong on odd ones (``wrong``: all right / all wrong)."""
+    out = {}
+    for i, line in enumerate(data.read_text().splitlines()):
+        row = json.loads(line)
+        a, b = (int(x) for x in row["problem"].split() if x.isdigit())
+        bad = (i % 2 == 1) if wrong is None else wrong
+        ans = int(row["answer"]) + (1 if bad else 0)
+        codes = [f"print({a} + {b})", f"x = {a}\ny = {b}\nprint(x + y)"]
+        for k in range(K):
+            out[f"toy/{i}#{k}"] = [f"Let me add.\n```python\n{codes[k]}\n```",
+                                   f"So the answer is \\boxed{{{ans}}}."]
+    return out
+
+
+class Factory:
+    """Backend factory: records which model each round asked for, replays the scripts."""
+
+    def __init__(self, data: Path, wrong: bool | None = None):
+        self.data, self.wrong, self.models = data, wrong, []
+
+    def __call__(self, model: str) -> ReplayBackend:
+        self.models.append(model)
+        return ReplayBackend(scripts(self.data, self.wrong))
+
+
+def make_cfg(tmp_path: Path, **kw) -> LoopConfig:
+    data = tmp_path / "toy.jsonl"
+    if not data.exists():
+        write_problems(tmp_path)
+    model = kw.pop("model", None) or tiny_model_dir(tmp_path)
+    base = dict(
+        name="t", out_dir=str(tmp_path / "runs"), model=model, train_dataset=str(data),
+        train_start=0, train_limit=4, eval_dataset=str(data), eval_start=4, eval_limit=4,
+        rounds=2, samples_per_problem=K, temperature=0.7, max_new_tokens=64, max_turns=3,
+        concurrency=2, sandbox="auto", max_per_problem=4, sft_epochs=1, sft_lr=1e-3,
+        sft_max_length=256, sft_batch_size=4, sft_grad_accum=1,
+        sft_extra={"report_to": ["none"], "save_steps": 1000}, bootstrap_samples=500,
+    )
+    return LoopConfig(**{**base, **kw})
+
+
+def shard_lines(run: Path) -> dict[str, int]:
+    """Stored trajectories per round and stage folder."""
+    counts: dict[str, int] = {}
+    for p in run.rglob("shard-*.jsonl"):
+        key = f"{p.parts[-3]}/{p.parts[-2]}"
+        counts[key] = counts.get(key, 0) + len(p.read_text().splitlines())
+    return counts
+
+
+def mtimes(run: Path) -> dict[str, float]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns
+            for p in run.rglob("*") if p.is_file() and p.suffix in (".done", ".safetensors")}
+
+
+def test_loop_end_to_end_then_rerun_skips_everything(tmp_path):
+    cfg = make_cfg(tmp_path)
+    factory = Factory(tmp_path / "toy.jsonl")
+    rows = run_loop(cfg, factory)
+    run = cfg.run_dir
+
+    # Layout: rounds 0 and 1 collect, select and train; round 2 only evaluates model_2.
+    for r in (0, 1):
+        rd = run / f"round-{r}"
+        for stage in ("eval", "collect", "select", "train"):
+            assert (rd / f"{stage}.done").exists(), (r, stage)
+        assert (rd / "train.jsonl").exists() and complete_model(rd / "model")
+        assert not list((rd / "model").glob("checkpoint-*"))  # removed once training finished
+    assert sorted(p.name for p in (run / "round-2").iterdir()) == ["eval", "eval.done"]
+    for name in ("config.yaml", "metrics.jsonl", "summary.md", "progress.png"):
+        assert (run / name).exists(), name
+    assert (run / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Each round's backend loads that round's model: the base, then the models SFT made.
+    assert factory.models == [cfg.model, str((run / "round-0/model").resolve()),
+                              str((run / "round-1/model").resolve())]
+    assert shard_lines(run) == {"round-0/eval": 4, "round-0/collect": 8, "round-1/eval": 4,
+                                "round-1/collect": 8, "round-2/eval": 4}
+
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == json.loads(json.dumps(rows)) and [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics:
+        ev = m["eval"]
+        assert ev["problems"] == 4 and ev["ci_low"] <= ev["accuracy"] <= ev["ci_high"]
+        assert sum(ev["outcomes"].values()) == 4
+    r0 = metrics[0]
+    # The replay solves every even row: the counts follow from which rows each split holds.
+    train_ids, eval_ids = (
+        [int(p.id.split("/")[1]) for p in ps] for ps in load_splits(cfg))
+    n_even_eval = sum(i % 2 == 0 for i in eval_ids)
+    assert r0["eval"]["correct"] == n_even_eval
+    assert r0["eval"]["outcomes"].get("incorrect", 0) == 4 - n_even_eval
+    n_even = sum(i % 2 == 0 for i in train_ids)
+    assert r0["collect"]["correct"] == K * n_even
+    assert r0["collect"]["correct_per_problem"] == {
+        "0": 4 - n_even, **({"1": 0, "2": n_even} if n_even else {})}
+    sel = r0["select"]
+    assert (sel["correct"], sel["distinct"], sel["kept"]) == (K * n_even,) * 3  # 2 distinct paths
+    assert sel["dedup_ratio"] == (1.0 if n_even else None)
+    assert r0["train"] == {**r0["train"], "skipped": False, "model": "round-0/model",
+                           "examples": K * n_even, "reused": False}
+    assert "train" not in metrics[2] and "collect" not in metrics[2]
+
+    summary = (run / "summary.md").read_text()
+    assert "| round | model | eval acc % (CI) |" in summary
+    assert "| 0 | `" + cfg.model + "` |" in summary and "| 2 | `round-1/model` |" in summary
+    assert "correct samples per problem" in summary and "dedup ratio" in summary
+
+    # Re-run: every stage is skipped, no model is loaded, nothing is written again.
+    before, lines = mtimes(run), shard_lines(run)
+    again = Factory(tmp_path / "toy.jsonl")
+    assert run_loop(cfg, again) == rows
+    assert again.models == [] and shard_lines(run) == lines and mtimes(run) == before
+
+    # A complete model folder is reused even when its marker is gone (killed after saving).
+    (run / "round-0" / "train.done").unlink()
+    weights = (run / "round-0/model/model.safetensors").stat().st_mtime_ns
+    rows = run_loop(cfg, again)
+    assert rows[0]["train"]["reused"] is True and again.models == []
+    assert (run / "round-0/model/model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_interrupted_run_resumes_without_redoing_round_0(tmp_path):
+    # rounds=1 stands for a run killed after round 1's eval; LoRA covers the adapter merge.
+    cfg = make_cfg(tmp_path, rounds=1, sft_lora=True, save_dtype="bfloat16",
+                   sft_extra={"report_to": ["none"], "lora_r": 4, "lora_alpha": 8})
+    first = Factory(tmp_path / "toy.jsonl")
+    run_loop(cfg, first)
+    run = cfg.run_dir
+    assert complete_model(run / "round-0/model") and (run / "round-0/adapter").is_dir()
+    assert not (run / "round-1/collect.done").exists() and (run / "round-1/eval.done").exists()
+    before, lines = mtimes(run), shard_lines(run)
+
+    cfg.rounds = 2  # allowed: it only adds rounds
+    second = Factory(tmp_path / "toy.jsonl")
+    rows = run_loop(cfg, second)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    after = mtimes(run)
+    assert {k: v for k, v in after.items() if k in before} == before  # round 0 not redone
+    assert {k: v for k, v in shard_lines(run).items() if k in lines} == lines
+    # Round 1 collects with model_1 (round 1's eval was already done); round 2 evaluates model_2.
+    assert second.models == [str((run / "round-0/model").resolve()),
+                             str((run / "round-1/model").resolve())]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "round-1/model")  # plain, loadable
+    assert next(model.parameters()).dtype == torch.bfloat16  # save_dtype
+
+    # Settings that change what a stage produces are locked to the run.
+    cfg.samples_per_problem = 3
+    with pytest.raises(ValueError, match="samples_per_problem"):
+        run_loop(cfg, second)
+
+
+def test_zero_selected_examples_skip_sft_and_rm_filter(tmp_path):
+    rm = tiny_model_dir(tmp_path, num_labels=1)
+    # Every answer right, but an RM floor nobody reaches: nothing is kept, SFT is skipped.
+    cfg = make_cfg(tmp_path, rounds=1, rm_filter=rm, rm_threshold=1e9)
+    factory = Factory(tmp_path / "toy.jsonl", wrong=False)
+    rows = run_loop(cfg, factory)
+    r0 = rows[0]
+    assert r0["collect"]["correct"] == 8
+    assert r0["select"]["below_score"] == 8 and r0["select"]["kept"] == 0
+    assert "rm_mean" in r0["select"]
+    assert r0["train"]["skipped"] is True and r0["train"]["model"] == cfg.model
+    assert not (cfg.run_dir / "round-0/model").exists()
+    # Round 1 evaluates the unchanged base model.
+    assert rows[1]["eval"]["model"] == cfg.model and factory.models == [cfg.model]
+    summary = (cfg.run_dir / "summary.md").read_text()
+    assert "skipped: no data, model unchanged" in summary and "below the RM threshold" in summary
+
+
+class EvolvingFactory(Factory):
+    """Also answers the evolution prompts (untagged) with two new problems, then solves them."""
+
+    NEW = ["Tom has 100 apples and buys 1 more. How many now?",
+           "Tom has 200 apples and buys 2 more. How many now?"]
+
+    def __call__(self, model: str) -> ReplayBackend:
+        self.models.append(model)
+        extra = {"You rewrite math word problems": [f"New problem: {p}" for p in self.NEW]}
+        for p, ans in zip(self.NEW, (101, 202), strict=True):
+            extra[p] = ["```python\nprint(1)\n```", f"\\boxed{{{ans}}}"]
+        return ReplayBackend({**scripts(self.data, self.wrong), **extra})
+
+
+def test_evolved_problems_join_the_collection(tmp_path):
+    cfg = make_cfg(tmp_path, rounds=1, evolve=True, evolve_seeds=2,
+                   evolve_types=["change_numbers"], evolve_label_samples=2)
+    factory = EvolvingFactory(tmp_path / "toy.jsonl")
+    rows = run_loop(cfg, factory)
+    rd = cfg.run_dir / "round-0"
+    assert rows[0]["evolve"]["new"] == 2 and rows[0]["evolve"]["accepted"] == 2
+    evolved = [json.loads(ln) for ln in (rd / "evolve/evolved.jsonl").read_text().splitlines()]
+    assert [(p["problem"], p["reference"]) for p in evolved] == list(
+        zip(EvolvingFactory.NEW, ("101", "202"), strict=True))
+    assert all(p["id"].startswith("evolved-r0/toy/") for p in evolved)
+    c = rows[0]["collect"]
+    assert (c["problems"], c["evolved_problems"], c["trajectories"]) == (6, 2, 12)
+    assert "evolve: 2 rewrites asked, 2 new problems, 2 accepted" in (
+        cfg.run_dir / "summary.md").read_text()
+    # The labelled problems were trained on: every evolved sample is correct.
+    kept = [json.loads(ln) for ln in (rd / "train.jsonl").read_text().splitlines()]
+    assert sum(t["problem_id"].startswith("evolved-") for t in kept) == 2  # one path each
+
+
+def test_bootstrap_ci_on_known_data():
+    assert bootstrap_ci([1.0] * 20) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci([]) == (0.0, 0.0, 0.0)
+    mean, low, high = bootstrap_ci([1.0] * 50 + [0.0] * 50, samples=4000, seed=1)
+    # Normal approximation: 0.5 ± 1.96 * sqrt(0.25 / 100) = [0.402, 0.598].
+    assert mean == 0.5
+    assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
+    assert bootstrap_ci([1.0] * 50 + [0.0] * 50, samples=4000, seed=1) == (mean, low, high)
+    _, low90, high90 = bootstrap_ci([1.0] * 50 + [0.0] * 50, samples=4000, seed=1, level=0.9)
+    assert low < low90 < high90 < high
+
+
+def test_shipped_configs_load_and_their_splits_are_disjoint():
+    for name in ("loop-cpu.yaml", "loop-gpu.yaml"):
+        cfg = LoopConfig.from_yaml(CONFIGS / name)
+        assert cfg.rounds >= 1
+    cpu = LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml")
+    assert cpu.backend == "transformers" and cpu.model == "smollm2"
+    train, held = load_splits(cpu)  # the real MAWPS rows: raises on any overlap
+    assert len(train) == cpu.train_limit and len(held) == cpu.eval_limit
+    gpu = LoopConfig.from_yaml(CONFIGS / "loop-gpu.yaml")
+    assert gpu.backend == "vllm" and Path(gpu.sft_accelerate_config).exists()
+    with pytest.raises(ValueError, match="unknown LoopConfig fields"):
+        LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml", nope=1)
+
+
+def test_overlap_between_train_and_eval_is_refused(tmp_path):
+    a = Problem("a/0", "What is  2 + 2?", "4")
+    check_disjoint([a], [Problem("b/0", "What is 3 + 3?", "6")])
+    with pytest.raises(ValueError, match="1 shared problem texts"):
+        check_disjoint([a], [Problem("b/0", "what is 2 + 2?", "4")])  # same text, other id
+    with pytest.raises(ValueError, match="1 shared ids"):
+        check_disjoint([a], [Problem("a/0", "Something else", "1")])
+    data = write_problems(tmp_path)
+    # One dataset, overlapping ranges: refused before any work starts.
+    cfg = make_cfg(tmp_path, model="unused", train_limit=6, eval_start=4)
+    with pytest.raises(ValueError, match="overlap"):
+        run_loop(cfg, Factory(data))
+    # Repeated texts inside a dataset are dropped before slicing.
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")
+    assert len(split_problems(str(dup), 0, None, shuffle=True, seed=0)) == 10
+
+
+def test_loop_command_is_registered():
+    from tirforge.apps.cli import app
+
+    r = CliRunner().invoke(app, ["loop", "--help"])
+    assert r.exit_code == 0 and "--config" in r.output
