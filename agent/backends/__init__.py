@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from tirforge.agent.backends.base import Backend
 
@@ -22,9 +22,12 @@ def make_backend(
     allow_network: bool = False,
     max_concurrency: int = 16,
     log: Callable[[str], None] | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> Backend:
     """A backend by name. ``model`` is an alias / local folder / hub id for the in-process
-    backends and the served model name for ``openai`` (None-like "" asks the server)."""
+    backends and the served model name for ``openai`` (None-like "" asks the server).
+    ``engine_kwargs`` go to the vLLM engine (``max_model_len``, ``tensor_parallel_size``,
+    ``gpu_memory_utilization``, ...)."""
     if kind == "openai":
         from tirforge.agent.backends.openai import OpenAIBackend
 
@@ -42,7 +45,7 @@ def make_backend(
     if kind == "vllm":
         from tirforge.agent.backends.vllm import VLLMBackend
 
-        return VLLMBackend(path)
+        return VLLMBackend(path, **(engine_kwargs or {}))
     from tirforge.agent.backends.hf import TransformersBackend
 
     return TransformersBackend(path)

@@ -38,9 +38,11 @@ class VLLMBackend:
         *,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
-        max_model_len: int | None = 8192,
+        max_model_len: int | None = None,
         **engine_kwargs: Any,
     ):
+        """``max_model_len``: context length (None: the model's own, e.g. 4096 for
+        Qwen2.5-Math); ``engine_kwargs`` go to ``vllm.LLM`` (tensor_parallel_size, ...)."""
         vllm = import_vllm()
         self._vllm = vllm
         self.llm = vllm.LLM(
