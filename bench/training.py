@@ -1,6 +1,7 @@
 """Training benchmarks: masking throughput, and SFT tokens/s with our masking vs plain TRL SFT.
 
     .venv/bin/python bench/training.py [--n 400] [--steps 8] [--model smollm2]
+    .venv/bin/python bench/training.py --gsm8k-graded OUT.jsonl [--store runs/gsm8k-smol]
 
 1. Tokenisation + masking: synthetic multi-turn TIR trajectories (2-4 code steps with outputs)
    through ``tokenize_trajectory``, trajectories/s, for both layouts, with the SmolLM2 tokenizer.
@@ -8,13 +9,24 @@
    steps (a) on our pre-tokenised masked examples, (b) by plain TRL SFT on the ``messages``
    (fenced) column, which tokenises itself and trains on every token. Tokens/s counts all
    input tokens of the steps run (padding excluded), after one warm-up step.
+
+``--gsm8k-graded`` instead writes the data of the SmolLM2 ``tirforge train`` runs in
+docs/benchmarks.md: the graded trajectories of a ``tirforge collect gsm8k`` store plus, for each of
+its problems, two trajectories written from the GSM8K reference solution (its ``<<a*b=c>>``
+calculator steps as one Python cell, run here, then a boxed answer, graded like any sample), so
+that problems have correct and incorrect samples even when the model solves none; and
+``OUT-problems.jsonl`` with 8 of the problems for GRPO.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import random
+import re
 import tempfile
 import time
 
@@ -112,12 +124,77 @@ def bench_sft(model: str, trajs, steps: int) -> None:
     print(f"ratio masked / plain: {results['tirforge masked'] / results['plain TRL']:.3f}")
 
 
+def _reference_steps(solution: str, variant: int) -> tuple[list[Step], str]:
+    """A TIR solution from a GSM8K reference: its calculator steps as one cell, run here."""
+    calcs = re.findall(r"<<([^=<>]+)=([^<>]+)>>", solution)
+    code = "\n".join(f"v{k} = {expr.replace('x', '*')}" for k, (expr, _) in enumerate(calcs))
+    code += f"\nprint(v{len(calcs) - 1})"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code, {})  # our own arithmetic from the dataset, not model code
+    out = buf.getvalue().rstrip("\n")
+    try:
+        ans = str(int(float(out))) if float(out) == int(float(out)) else out
+    except ValueError:
+        ans = out
+    if variant == 0:
+        first = f"Let me compute this step by step in Python.\n```python\n{code}\n```"
+        last = f"The code prints {out}, so the answer is $\\boxed{{{ans}}}$."
+    else:
+        lead = solution.splitlines()[0].split("=")[0].strip()
+        first = f"{lead}. I will check it with code.\n```python\n{code}\n```"
+        last = f"So the final answer is \\boxed{{{ans}}}."
+    return [Step(text=first, code=code, output=out), Step(text=last)], ans
+
+
+def gsm8k_graded(store: str, out: str) -> None:
+    """Write the store's trajectories + two reference-solution trajectories per problem."""
+    import glob
+    from collections import Counter
+
+    from tirforge.trajectories.datasets import data_root
+    from tirforge.trajectories.grading import grade
+    from tirforge.trajectories.schema import read_jsonl
+
+    real = [t for f in sorted(glob.glob(os.path.join(store, "*.jsonl"))) for t in read_jsonl(f)]
+    if not real:
+        raise SystemExit(f"no trajectories in {store} (tirforge collect gsm8k --out {store} ...)")
+    rows = [json.loads(ln) for ln in open(data_root() / "gsm8k" / "test.jsonl")]
+    first: dict[str, Trajectory] = {}
+    for t in real:
+        first.setdefault(t.problem_id or t.problem, t)
+    made = []
+    for pid, proto in sorted(first.items(), key=lambda kv: int(kv[0].rsplit("/", 1)[1])):
+        solution = rows[int(pid.rsplit("/", 1)[1])]["answer"]
+        for variant in (0, 1):
+            steps, ans = _reference_steps(solution, variant)
+            verdict = grade(ans, proto.reference, extract=False)
+            made.append(Trajectory(
+                problem=proto.problem, problem_id=pid, reference=proto.reference,
+                sample=100 + variant, messages=proto.messages, steps=steps, final_answer=ans,
+                verdict=str(getattr(verdict, "value", verdict)), stop_reason="answer",
+                model="gsm8k-reference", format=proto.format))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.writelines(t.model_dump_json() + "\n" for t in real + made)
+    problems = sorted(({"problem": t.problem, "reference": t.reference} for t in first.values()),
+                      key=lambda r: r["problem"])[:8]
+    with open(out.removesuffix(".jsonl") + "-problems.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in problems)
+    print(out, len(real + made), dict(Counter(t.verdict for t in real + made)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--gsm8k-graded", metavar="OUT", help="write the train-run data and exit")
+    ap.add_argument("--store", default="runs/gsm8k-smol", help="collect store (--gsm8k-graded)")
     a = ap.parse_args()
+    if a.gsm8k_graded:
+        gsm8k_graded(a.store, a.gsm8k_graded)
+        return
     from transformers import AutoTokenizer
 
     model = resolve_model(a.model)

@@ -166,3 +166,28 @@ def test_output_tokens_get_zero_gradient():
     nonzero = grad_logits[0, :-1].abs().sum(-1) > 0
     assert torch.equal(nonzero, target_is_label)
     assert (~target_is_label).sum() > 10 and target_is_label.sum() > 10
+
+
+def test_qwen_fixture_is_the_upstream_template():
+    # tests/fixtures/qwen2_5_chat_template.jinja is the `chat_template` of Qwen2.5-*-Instruct's
+    # tokenizer_config.json (default system prompt "You are Qwen, created by Alibaba Cloud. ...").
+    # Checked byte for byte (2,507 characters) against two public copies: the JSON string
+    # quoted from the Qwen2.5-Instruct tokenizer_config.json in ShishirPatil/gorilla,
+    # berkeley-function-call-leaderboard/bfcl/model_handler/local_inference/qwen.py, and a
+    # llama.cpp `chatTemplate` for Qwen2.5-Coder-7B-Instruct in a NixOS config; the base
+    # Qwen2.5-3B GGUF template differs only in its default system prompt ("You are a helpful
+    # assistant."). The hash pins the file against edits.
+    import hashlib
+    from pathlib import Path
+
+    data = (Path(__file__).parent / "fixtures" / "qwen2_5_chat_template.jinja").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == (
+        "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f"
+    )
+    text = tokenizer("qwen").apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )

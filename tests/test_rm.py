@@ -111,3 +111,47 @@ def test_score_command_writes_scores(tmp_path):
     assert len(scored) == 16 and all(isinstance(t.score, float) for t in scored)
     assert [t.score for t in scored] == pytest.approx(RewardScorer(rm_dir).score(scored), abs=1e-5)
     assert len({round(t.score, 6) for t in scored}) > 1
+
+
+def _bf16_model_dir(tmp_path) -> str:
+    """The tiny model saved in bfloat16, like the cached SmolLM2 checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(tmp_path)
+    out = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(out)
+    tokenizer().save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "listwise"])
+def test_rm_trains_in_float32_from_a_bf16_checkpoint(tmp_path, loss):
+    # Regression: transformers v5 loads a checkpoint in its saved dtype, so the RM (built here, not
+    # by TRL, which defaults to float32) trained SmolLM2's bf16 cache with bf16 weights and Adam
+    # state: 530 s/step on the 2-core CPU instead of ~100 s, and lr 1e-5 updates rounded away.
+    from tirforge.training.rm import make_trainer
+
+    cfg = _cfg(tmp_path, model=_bf16_model_dir(tmp_path), loss=loss)
+    trainer = make_trainer(cfg)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_scorer_uses_float32_on_cpu(tmp_path):
+    scorer = RewardScorer(_bf16_model_dir(tmp_path), device="cpu")
+    assert scorer.model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "listwise"])
+def test_rm_head_init_is_seeded(tmp_path, loss):
+    # Regression: the score head (absent from a policy checkpoint) was initialised before the
+    # Trainer seeded, so two runs of one config started from different heads (SmolLM2 RM, first
+    # step loss 1.85 in one run, 0.65 in the next).
+    from tirforge.training.rm import make_trainer
+
+    def head(seed: int, rng_state: int) -> torch.Tensor:
+        cfg = _cfg(tmp_path, loss=loss, seed=seed)
+        torch.manual_seed(rng_state)  # whatever ran before in the process
+        return make_trainer(cfg).model.score.weight.detach()
+
+    assert torch.equal(head(0, 1), head(0, 2))
+    assert not torch.equal(head(0, 1), head(1, 1))

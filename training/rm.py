@@ -55,14 +55,29 @@ def encode(traj: Trajectory, tokenizer, style: str, max_length: int) -> list[int
     return tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
 
 
-def load_rm(path: str, tokenizer=None):
-    """A sequence-classification model with one output on the architecture at ``path``."""
+def load_rm(path: str, tokenizer=None, dtype: torch.dtype | str = torch.float32):
+    """A sequence-classification model with one output on the architecture at ``path``.
+
+    Loaded in float32 by default, as TRL's trainers load a policy given by path: transformers v5
+    would otherwise keep the checkpoint's dtype (``auto``), and a bf16 checkpoint (the cached
+    SmolLM2) would then train with bf16 weights and optimiser state, ~5x slower on a CPU without
+    native bf16 and with small updates rounded away. ``bf16: true`` is mixed precision on top."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def init_rm(cfg: RMTrainConfig, tokenizer):
+    """The model to train: ``load_rm`` after seeding, so the new score head (missing from a
+    policy checkpoint, randomly initialised) is the same in every run with the same ``seed``;
+    the Trainer seeds only after the model exists."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    return load_rm(cfg.model, tokenizer)
 
 
 # -- pairwise ------------------------------------------------------------------------------------
@@ -83,7 +98,7 @@ def make_pairwise_trainer(cfg: RMTrainConfig):
     tok = load_tokenizer(cfg)
     args = RewardConfig(**cfg.trainer_kwargs(), max_length=cfg.max_length)
     return RewardTrainer(
-        model=load_rm(cfg.model, tok),
+        model=init_rm(cfg, tok),
         args=args,
         train_dataset=pairwise_dataset(cfg, tok),
         processing_class=tok,
@@ -172,7 +187,7 @@ def make_listwise_trainer(cfg: RMTrainConfig):
     from transformers import TrainingArguments
 
     tok = load_tokenizer(cfg)
-    model = load_rm(cfg.model, tok)
+    model = init_rm(cfg, tok)
     peft = cfg.peft_config()
     if peft is not None:
         from peft import get_peft_model
@@ -221,7 +236,9 @@ class RewardScorer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_rm(path, self.tokenizer).to(self.device).eval()
+        # float32 on a CPU (bf16 matmuls are emulated, ~5x slower); the saved dtype on a GPU.
+        dtype = torch.float32 if str(self.device).startswith("cpu") else "auto"
+        self.model = load_rm(path, self.tokenizer, dtype=dtype).to(self.device).eval()
         self.style, self.max_length, self.batch_size = style, max_length, batch_size
 
     @torch.inference_mode()
