@@ -137,6 +137,7 @@ def train_and_save(trainer, cfg: TrainConfig) -> str:
     """Train (resuming as ``cfg.resume`` says), save the model and tokenizer to
     ``cfg.output_dir`` and return it: the common end of every trainer module."""
     trainer.train(resume_from_checkpoint=cfg.resume_arg())
-    trainer.save_model(cfg.output_dir)
-    trainer.processing_class.save_pretrained(cfg.output_dir)
+    trainer.save_model(cfg.output_dir)  # collective under DeepSpeed/FSDP: every rank calls it
+    if trainer.is_world_process_zero():  # one writer for the tokenizer files
+        trainer.processing_class.save_pretrained(cfg.output_dir)
     return cfg.output_dir
