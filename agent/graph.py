@@ -169,7 +169,7 @@ class _Nodes:
         step = Step(
             text=(self.fmt.decompose_prompt or "") + plan.rstrip(),
             feedback=self.fmt.after_decompose,
-            gen_s=dt,
+            gen_s=float(c.extra.get("gen_s", dt)),
         )
         _emit("reflection", "decompose", step.text)
         return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": "plan"}
@@ -194,10 +194,11 @@ class _Nodes:
             text, code, event = c.text, None, "answer"
         if code is not None:
             _emit("code", "generate", code)
-        step = Step(text=text, code=code, gen_s=dt)
+        step = Step(text=text, code=code, gen_s=float(c.extra.get("gen_s", dt)))
         return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": event}
 
     def _counts(self, state: AgentState, c: Completion, dt: float) -> AgentState:
+        dt = float(c.extra.get("gen_s", dt))  # generated ahead of the node (step search)
         return {
             "turns": state["turns"] + 1,
             "tokens": state.get("tokens", 0) + c.n_tokens,

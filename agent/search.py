@@ -85,8 +85,8 @@ class StepSearchConfig:
     agent: AgentConfig = field(default_factory=_default_agent)
     """Prompt format, per-trajectory budgets (turns, tokens) and sampling of each turn. Needs
     a temperature above 0 for the M continuations to differ. ``max_time_s`` bounds the
-    search's wall time (generation runs in batches, so per-step ``gen_s`` is ~0 under
-    search and the agent's own time budget counts only execution)."""
+    search's wall time as well as each candidate's (whose turns count the whole batched call
+    that generated them)."""
 
 
 @dataclass
@@ -225,7 +225,10 @@ def _sample(
     out: list[list[Completion]] = [[] for _ in states]
     for idx in groups.values():
         params = replace(reqs[idx[0]][1], n=m, seed=seed)
+        t0 = time.perf_counter()
         comps = backend.generate([reqs[i][0] for i in idx], params)
+        for c in comps:  # every candidate waited for the whole batch: that is its turn time
+            c.extra["gen_s"] = time.perf_counter() - t0
         if len(comps) != len(idx) * m:
             raise RuntimeError(f"backend returned {len(comps)} completions for "
                                f"{len(idx)} requests x n={m}")
