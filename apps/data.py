@@ -383,7 +383,10 @@ def run_evolve(
 
     new, erep = evolve(seeds, generate, EvolveConfig(types=types or EVOLVE_TYPES,
                                                      per_type=per_type))
-    cfg_hash = config_hash({"evolve-label": label_samples})
+    # The texts are part of the key: a re-run that rewrote the seeds differently (sampling)
+    # reuses the ids, and must not inherit labels of the old texts.
+    cfg_hash = config_hash({"evolve-label": label_samples,
+                            "problems": [(p.id, p.problem) for p in new]})
     labelled: list[Problem] = []
     if label_samples > 0 and new:
         run_collect(new, samples=label_samples, store=store, cfg_hash=cfg_hash,

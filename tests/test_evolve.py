@@ -74,3 +74,23 @@ def test_evolve_then_label_by_consensus_on_replay(tmp_path):
     assert rev.reference is None and rev.meta["consensus"]["answer"] == "3"
     assert rev.meta["consensus"]["votes"] == 2 and not rev.meta["consensus"]["accepted"]
     assert stats["produced"] == 2 and stats["accepted"] == 1
+
+
+def test_a_rewritten_problem_is_labelled_afresh(tmp_path):
+    """A re-run whose rewrite differs reuses the problem id; it must not inherit the old label."""
+    scripts = {f"Tom has {n} apples": [f"```python\nprint({n} + 5)\n```", f"\\boxed{{{n + 5}}}"]
+               for n in (7, 8)}
+    store = Store(tmp_path / "s")
+    labels = []
+    for n in (7, 8):
+        text = f"New problem: Tom has {n} apples, buys 5 more. How many?"
+        with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
+            problems, _ = run_evolve(
+                [SEED], lambda ps, text=text: [text for _ in ps], label_samples=2, store=store,
+                backend=ReplayBackend(scripts), pool=pool, agent_cfg=AgentConfig(),
+                types=["change_numbers"],
+            )
+        (p,) = problems
+        assert p.id == "gsm8k/0/change_numbers/0"
+        labels.append(p.reference)
+    assert labels == ["12", "13"]
