@@ -138,6 +138,12 @@ def _budget_spent(state: AgentState, cfg: AgentConfig) -> str | None:
     return None
 
 
+def _gen_s(c: Completion, dt: float) -> float:
+    """The turn's generation time: measured by the node, or by whoever generated the turn
+    ahead of it (step search samples all candidates in one batched call)."""
+    return float(c.extra.get("gen_s", dt))
+
+
 class _Nodes:
     """The node logic, split into request / apply halves so sync and async nodes share it."""
 
@@ -169,7 +175,7 @@ class _Nodes:
         step = Step(
             text=(self.fmt.decompose_prompt or "") + plan.rstrip(),
             feedback=self.fmt.after_decompose,
-            gen_s=float(c.extra.get("gen_s", dt)),
+            gen_s=_gen_s(c, dt),
         )
         _emit("reflection", "decompose", step.text)
         return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": "plan"}
@@ -194,11 +200,11 @@ class _Nodes:
             text, code, event = c.text, None, "answer"
         if code is not None:
             _emit("code", "generate", code)
-        step = Step(text=text, code=code, gen_s=float(c.extra.get("gen_s", dt)))
+        step = Step(text=text, code=code, gen_s=_gen_s(c, dt))
         return {**self._counts(state, c, dt), "steps": [*state["steps"], step], "event": event}
 
     def _counts(self, state: AgentState, c: Completion, dt: float) -> AgentState:
-        dt = float(c.extra.get("gen_s", dt))  # generated ahead of the node (step search)
+        dt = _gen_s(c, dt)
         return {
             "turns": state["turns"] + 1,
             "tokens": state.get("tokens", 0) + c.n_tokens,

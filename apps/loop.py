@@ -401,16 +401,11 @@ class _Session:
     def _default_factory(self, model: str) -> Any:
         from tirforge.agent.backends import make_backend
 
-        if self.cfg.backend == "vllm":  # make_backend's engine has a fixed 8k context
-            from tirforge.agent.backends.vllm import VLLMBackend
-            from tirforge.agent.models import resolve_model
-
-            return VLLMBackend(
-                resolve_model(model, allow_network=self.cfg.allow_network, log=self.log),
-                max_model_len=self.cfg.vllm_max_model_len,
-                gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization)
+        engine = {"max_model_len": self.cfg.vllm_max_model_len,
+                  "gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization}
         return make_backend(self.cfg.backend, model, allow_network=self.cfg.allow_network,
-                            max_concurrency=self.cfg.concurrency, log=self.log)
+                            max_concurrency=self.cfg.concurrency, log=self.log,
+                            engine_kwargs=engine if self.cfg.backend == "vllm" else None)
 
     def pool(self) -> Any:
         """Started on first use: a run whose stages are all done starts no kernel."""
@@ -440,13 +435,9 @@ class _Session:
         if b is None:
             return
         with contextlib.suppress(Exception):
-            if hasattr(b, "close"):
+            if hasattr(b, "close"):  # vLLM: stops the engine core process and its workers
                 b.close()
-        llm = getattr(b, "llm", None)  # vLLM: stop the engine core process and its workers
-        if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-        del b, llm
+        del b
         gc.collect()
         with contextlib.suppress(Exception):
             import torch

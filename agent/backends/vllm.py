@@ -53,6 +53,10 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
 
+    def close(self) -> None:
+        """Stop the engine core process and its workers (frees the GPU for training)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def render(self, req: Request) -> str:
         head = self.tokenizer.apply_chat_template(
             req.messages, add_generation_prompt=True, tokenize=False
