@@ -13,14 +13,8 @@ import pytest
 
 from tirforge.agent.backends.base import Completion
 from tirforge.agent.graph import AgentConfig
-from tirforge.apps.chat import (
-    ChatConfig,
-    ChatServer,
-    answer_message,
-    build_app,
-    step_messages,
-    turn_messages,
-)
+from tirforge.apps.chat import ChatConfig, ChatServer, build_app
+from tirforge.apps.chat_render import answer_message, step_messages, turn_messages
 from tirforge.executors import ExecutionResult, ExecutorConfig
 from tirforge.trajectories.schema import Step, Trajectory
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tirforge.agent.graph import AgentConfig
-from tirforge.apps.chat import NO_RM, ChatConfig, ChatServer, samples_summary
+from tirforge.apps.chat import ChatConfig, ChatServer
+from tirforge.apps.chat_render import NO_RM, samples_summary
 from tirforge.executors import ExecutorConfig
 from tirforge.trajectories.schema import Trajectory
 

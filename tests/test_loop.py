@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 from tirforge.agent.backends.replay import ReplayBackend
 from tirforge.apps.loop import (
     LoopConfig,
-    bootstrap_ci,
     check_disjoint,
     complete_model,
     load_splits,
     run_loop,
     split_problems,
 )
+from tirforge.apps.loop_report import bootstrap_ci
 from tirforge.trajectories.datasets import Problem
 
 from .training_utils import tiny_model_dir
