@@ -445,11 +445,17 @@ def _collect(
                          TextColumn("correct {task.fields[correct]}"), console=console,
                          transient=True) as progress:
         task = progress.add_task(what, total=todo, correct=0)
-        n_correct = [0]
+        n_done, n_correct, t0 = [0], [0], time.perf_counter()
+        every = max(1, todo // 10)
 
         def on_done(t: Trajectory | None) -> None:
+            n_done[0] += 1
             n_correct[0] += t is not None and t.verdict == "correct"
             progress.update(task, advance=1, correct=n_correct[0])
+            # A log file (nohup, CI) shows no live bar: a line per tenth of the work instead.
+            if not console.is_terminal and (n_done[0] % every == 0 or n_done[0] == todo):
+                s.log(f"{what}: {n_done[0]}/{todo} trajectories, {n_correct[0]} correct "
+                      f"({time.perf_counter() - t0:.0f} s)")
 
         for attempt in range(3):
             backend = s.backend(model) if todo else None  # nothing to do: no model load

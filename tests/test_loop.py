@@ -97,8 +97,11 @@ def mtimes(run: Path) -> dict[str, float]:
 def test_loop_end_to_end_then_rerun_skips_everything(tmp_path):
     cfg = make_cfg(tmp_path)
     factory = Factory(tmp_path / "toy.jsonl")
-    rows = run_loop(cfg, factory)
+    logged: list[str] = []
+    rows = run_loop(cfg, factory, log=logged.append)
     run = cfg.run_dir
+    # Without a terminal (a log file) progress comes as lines: here the last one of each stage.
+    assert "round 0 collect: 8/8 trajectories" in "\n".join(logged)
 
     # Layout: rounds 0 and 1 collect, select and train; round 2 only evaluates model_2.
     for r in (0, 1):
