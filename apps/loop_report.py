@@ -193,6 +193,7 @@ def plot_progress(rows: list[dict], path: Path) -> None:
         ax_data.bar([x + 0.2 for x in xs], [m["kept"] for _, m in sel], width=0.4,
                     label="distinct kept (SFT data)")
         ax_data.set_xticks(xs)
+        ax_data.set_xlim(min(xs) - 0.8, max(xs) + 0.8)  # one round: bars, not a filled axis
         ax_data.legend(fontsize=8)
     ax_data.set_xlabel("round")
     ax_data.set_ylabel("trajectories")
