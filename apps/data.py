@@ -1,21 +1,17 @@
 """Data pipeline commands: ``tirforge collect / evolve / select / export``.
 
-Orchestration lives here (not in ``trajectories``) because it drives the agent: the batched
-runner (``agent.runner``) solves the (problem, sample) jobs a resumable ``Store`` lacks, on
-kernels from a ``KernelPool``, and each graded trajectory is appended as it lands.
+Faces only: they parse options, call ``agent.pipelines.collect`` / ``agent.pipelines.evolve``
+and ``trajectories.select`` / ``export``, and render progress and summaries.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-import zlib
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,10 +24,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tirforge.agent.pipelines.collect import (
+    CollectReport,
+    field_map,
+    make_run_backend,
+    run_collect,
+)
 from tirforge.trajectories.datasets import FieldMap, Problem, load_dataset
-from tirforge.trajectories.grading import answers_equal
 from tirforge.trajectories.schema import Trajectory
-from tirforge.trajectories.select import consensus
 from tirforge.trajectories.store import Store, StoreConfig, config_hash
 
 console = Console()
@@ -40,115 +40,8 @@ console = Console()
 # --------------------------------------------------------------------------- collection
 
 
-@dataclass
-class CollectReport:
-    """Summary of the trajectories in a store for one config over a problem set."""
-
-    problems: int = 0
-    trajectories: int = 0
-    new: int = 0
-    """Solved in this run (the rest were already in the store)."""
-    failed: int = 0
-    """Jobs that raised in this run; not stored, so a re-run retries them."""
-    pass_at_1: float = 0.0
-    pass_at_k: float = 0.0
-    maj_at_k: float = 0.0
-    mean_turns: float = 0.0
-    error_rate: float = 0.0
-    """(failed jobs + trajectories that stopped on an error) / attempts."""
-    kernel_restarts: int = 0
-    seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
-
-
-def summarize(trajs: Sequence[Trajectory], problems: Sequence[Problem]) -> CollectReport:
-    rep = CollectReport(problems=len(problems), trajectories=len(trajs))
-    by_pid: dict[str, list[Trajectory]] = defaultdict(list)
-    for t in trajs:
-        by_pid[t.problem_id or ""].append(t)
-    labelled = [p for p in problems if p.reference is not None and by_pid.get(p.id)]
-    if labelled:
-        p1 = pk = mj = 0.0
-        for p in labelled:
-            group = by_pid[p.id]
-            ok = [t.verdict == "correct" for t in group]
-            p1 += sum(ok) / len(ok)
-            pk += any(ok)
-            vote = consensus([t.final_answer for t in group], threshold=0.0, min_votes=1)
-            mj += vote.answer is not None and answers_equal(vote.answer, p.reference or "")
-        rep.pass_at_1, rep.pass_at_k, rep.maj_at_k = (
-            x / len(labelled) for x in (p1, pk, mj)
-        )
-    if trajs:
-        rep.mean_turns = sum(len(t.steps) for t in trajs) / len(trajs)
-        rep.kernel_restarts = sum(
-            1 for t in trajs for s in t.steps if s.execution is not None and s.execution.restarted
-        )
-    return rep
-
-
-def job_seed(p: Problem, k: int) -> int:
-    """A seed per (problem, sample): re-runs and resumes draw the same samples."""
-    return zlib.crc32(f"{p.id}#{k}".encode())
-
-
-def run_collect(
-    problems: Sequence[Problem],
-    *,
-    samples: int,
-    store: Store,
-    cfg_hash: str,
-    backend: Any,
-    pool: Any,
-    agent_cfg: Any,
-    concurrency: int = 4,
-    max_batch: int | None = None,
-    model_name: str = "",
-    on_done: Callable[[Trajectory | None], None] | None = None,
-) -> CollectReport:
-    """Solve every (problem, sample) not yet in ``store`` with the batched runner; each result
-    is stored as it lands, and a job that raises is counted (and retried by the next run)."""
-    from tirforge.agent.runner import RunnerConfig, run_many
-
-    t0 = time.perf_counter()
-    done = store.done_keys()
-    jobs = [
-        (p, k) for p in problems for k in range(samples) if (p.id, k, cfg_hash) not in done
-    ]
-    failed: list[str] = []
-    new = 0
-
-    def on_result(p: Problem, k: int, res: Trajectory | BaseException) -> None:
-        nonlocal new
-        traj = None
-        if isinstance(res, BaseException):
-            failed.append(f"{p.id}#{k}: {type(res).__name__}: {res}")
-        else:
-            traj = res
-            traj.problem_id, traj.sample, traj.config_hash = p.id, k, cfg_hash
-            store.add(traj)
-            new += 1
-        if on_done is not None:
-            on_done(traj)
-
-    if jobs:
-        runner = RunnerConfig(max_concurrency=max(1, concurrency),
-                              max_batch=max_batch or max(1, concurrency))
-        run_many(problems, backend, pool, agent_cfg, runner, jobs=jobs, seed_of=job_seed,
-                 on_result=on_result, model_name=model_name)
-    wanted = {p.id for p in problems}
-    trajs = [t for t in store if t.config_hash == cfg_hash and t.problem_id in wanted
-             and (t.sample or 0) < samples]  # a larger earlier run must not skew pass@k
-    rep = summarize(trajs, problems)
-    rep.new, rep.failed, rep.errors = new, len(failed), failed
-    attempts = len(trajs) + len(failed)
-    stopped_on_error = sum(t.stop_reason == "error" for t in trajs)
-    rep.error_rate = (len(failed) + stopped_on_error) / attempts if attempts else 0.0
-    rep.seconds = time.perf_counter() - t0
-    return rep
-
-
 def print_report(rep: CollectReport, samples: int) -> None:
+    """The collection summary as a table of one metric per row."""
     table = Table(title="collection summary")  # one metric per row: fits narrow terminals
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -163,42 +56,6 @@ def print_report(rep: CollectReport, samples: int) -> None:
     console.print(table)
     for err in rep.errors[:10]:
         console.print(f"[red]failed[/red] {err}")
-
-
-def _make_backend(
-    model: str, replay: Path | None, allow_network: bool, max_batch: int = 8, *,
-    backend: str = "transformers", base_url: str | None = None,
-    api_key_env: str = "OPENAI_API_KEY",
-) -> Any:
-    """The backend every trajectory of a run shares (the runner batches its calls); a replay
-    script is played afresh by each trajectory."""
-    if replay is not None:
-        from tirforge.agent.backends.replay import ReplayBackend
-
-        turns = json.loads(replay.read_text())
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise typer.BadParameter(f"{replay}: expected a JSON list of assistant turns")
-        return ReplayBackend(turns)
-    from tirforge.agent.backends import make_backend
-
-    if not allow_network:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with console.status(f"Loading {model} ({backend}) ..."):
-        return make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
-                            allow_network=allow_network, max_concurrency=max_batch,
-                            log=console.log)
-
-
-def _field_map(problem_field, answer_field, answer_format) -> FieldMap | None:
-    if problem_field is None and answer_field is None and answer_format is None:
-        return None
-    answer = "answer" if answer_field is None else (answer_field or None)
-    return FieldMap(
-        problem=tuple(problem_field.split("+")) if problem_field else "problem",
-        answer=answer,
-        answer_format=answer_format or "raw",
-        answer_required=answer is not None,
-    )
 
 
 def _load(dataset: str, fields: FieldMap | None, limit: int | None) -> list[Problem]:
@@ -257,18 +114,19 @@ def collect(
     if format not in FORMATS:
         raise typer.BadParameter(f"unknown format; one of {', '.join(FORMATS)}",
                                  param_hint="--format")
-    problems = _load(dataset, _field_map(problem_field, answer_field, answer_format), limit)
+    problems = _load(dataset, field_map(problem_field, answer_field, answer_format), limit)
     agent_cfg = AgentConfig(
         format=format,
         max_turns=max_turns,
-        cell_timeout=timeout,
         sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
     )
     model_name = "replay" if replay else model
     cfg_hash = config_hash({"model": model_name, "agent": asdict(agent_cfg)})
     try:
-        shared = _make_backend(model, replay, allow_network, max_batch=concurrency,
-                               backend=backend, base_url=base_url)
+        with console.status(f"Loading {model} ({backend}) ..."):
+            shared = make_run_backend(model, replay, allow_network=allow_network,
+                                      max_batch=concurrency, backend=backend, base_url=base_url,
+                                      log=console.log)
     except (ValueError, ImportError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -363,46 +221,6 @@ def export(
 # --------------------------------------------------------------------------- evolution
 
 
-def run_evolve(
-    seeds: Sequence[Problem],
-    generate: Callable[[list[str]], list[str]],
-    *,
-    label_samples: int,
-    store: Store,
-    backend: Any,
-    pool: Any,
-    agent_cfg: Any,
-    model_name: str = "",
-    types: Sequence[str] | None = None,
-    per_type: int = 1,
-    threshold: float = 0.5,
-    concurrency: int = 1,
-) -> tuple[list[Problem], dict]:
-    """Rewrite seeds, then label each new problem by consensus of ``label_samples`` TIR runs."""
-    from tirforge.trajectories.evolve import EVOLVE_TYPES, EvolveConfig, evolve, label
-
-    new, erep = evolve(seeds, generate, EvolveConfig(types=types or EVOLVE_TYPES,
-                                                     per_type=per_type))
-    # The texts are part of the key: a re-run that rewrote the seeds differently (sampling)
-    # reuses the ids, and must not inherit labels of the old texts.
-    cfg_hash = config_hash({"evolve-label": label_samples,
-                            "problems": [(p.id, p.problem) for p in new]})
-    labelled: list[Problem] = []
-    if label_samples > 0 and new:
-        run_collect(new, samples=label_samples, store=store, cfg_hash=cfg_hash,
-                    backend=backend, pool=pool, agent_cfg=agent_cfg, concurrency=concurrency,
-                    model_name=model_name)
-        answers: dict[str, list[str | None]] = defaultdict(list)
-        for t in store:
-            if t.config_hash == cfg_hash:
-                answers[t.problem_id or ""].append(t.final_answer)
-        labelled = [label(p, answers[p.id], threshold=threshold)[0] for p in new]
-    else:
-        labelled = new
-    stats = {**asdict(erep), "accepted": sum(p.reference is not None for p in labelled)}
-    return labelled, stats
-
-
 def evolve(
     dataset: Annotated[str, typer.Argument(help="Seed dataset (name or file).")],
     out: Annotated[Path, typer.Option(help="JSONL of new problems (+ provenance, consensus).")],
@@ -417,25 +235,23 @@ def evolve(
     allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
 ) -> None:
     """Rewrite seed problems (MuggleMath / DotaMath types) and label them by TIR consensus."""
-    from tirforge.agent.backends.base import Request, SamplingParams
+    from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.pipelines.evolve import run_evolve, sampled_generate, store_collector
     from tirforge.executors import ExecutorConfig, KernelPool
 
     seeds = _load(dataset, None, limit)
-    backend = _make_backend(model, None, allow_network)
+    with console.status(f"Loading {model} ..."):
+        backend = make_run_backend(model, allow_network=allow_network, log=console.log)
     params = SamplingParams(max_new_tokens=512, temperature=temperature)
-
-    def generate(prompts: list[str]) -> list[str]:
-        reqs = [Request(messages=[{"role": "user", "content": p}]) for p in prompts]
-        return [c.text for c in backend.generate(reqs, params)]
-
     store = Store(out.with_suffix(".store"))
     with KernelPool(ExecutorConfig(pool_size=max(1, concurrency))) as pool, store:
+        collect_labels = store_collector(store, backend, pool, AgentConfig(sampling=params),
+                                         model_name=model, concurrency=concurrency)
         problems, stats = run_evolve(
-            seeds, generate, label_samples=label_samples, store=store, backend=backend,
-            pool=pool, agent_cfg=AgentConfig(sampling=params), model_name=model,
-            types=types.split(",") if types else None, per_type=per_type,
-            threshold=threshold, concurrency=concurrency,
+            seeds, sampled_generate(backend, params), collect_labels,
+            label_samples=label_samples, types=types.split(",") if types else None,
+            per_type=per_type, threshold=threshold,
         )
     write_problems(problems, out)
     console.print(f"{stats} -> {out}")

@@ -1,37 +1,41 @@
 """``tirforge train sft|rm|dpo|grpo`` and ``tirforge score``: the training commands.
 
 Every trainer reads a YAML config (``--config``, see configs/) whose fields are the trainer's
-config dataclass; the options here override the common ones. ``--model`` takes an alias
-(smollm2), a local folder or (with network) a hub id.
+config dataclass; every field of a simple type (str, int, float, bool) is also an option,
+generated from the dataclass (its docstring is the help), as TRL's ``TrlParser`` does, and
+options override the YAML. ``--model`` takes an alias (smollm2), a local folder or (with
+network) a hub id. A trainer's module (and torch) is imported only when its command runs.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
+import inspect
 import os
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-train_app = typer.Typer(
-    help="Train on trajectories: SFT, reward model, DPO, GRPO with tool rollouts.",
-    no_args_is_help=True,
-)
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-ModelOpt = Annotated[str | None, typer.Option(help="Alias (smollm2), local folder or hub id.")]
-DataOpt = Annotated[str | None, typer.Option(help="Trajectory JSONL or saved HF dataset.")]
-OutOpt = Annotated[str | None, typer.Option(help="Output folder (checkpoints, logs).")]
-StepsOpt = Annotated[int | None, typer.Option(help="Optimiser steps (-1: by epochs).")]
-StyleOpt = Annotated[str | None, typer.Option(help="Trajectory layout: fenced or tool.")]
-LoraOpt = Annotated[bool | None, typer.Option("--lora/--no-lora", help="Train a LoRA adapter.")]
-ResumeOpt = Annotated[
-    str | None, typer.Option(help="Resume: a checkpoint folder, or 'latest' in --output-dir.")
-]
+
+# Extra spellings users have: the generated option is --<field-name>, these are added to it.
+ALIASES = {
+    "resume_from_checkpoint": ("--resume",),
+    "rm_path": ("--rm",),
+}
+BOOL_FLAGS = {"only_correct": "--only-correct/--all"}
+HELP = {
+    "model": "Alias (smollm2), local folder or hub id.",
+    "resume_from_checkpoint": "Resume: a checkpoint folder, or 'latest' in --output-dir.",
+}
 
 
 def _config(cls, config: Path | None, needs_data: bool = True, **overrides: Any):
@@ -39,7 +43,6 @@ def _config(cls, config: Path | None, needs_data: bool = True, **overrides: Any)
     from tirforge.agent.models import ModelNotFoundError, resolve_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    overrides["resume_from_checkpoint"] = overrides.pop("resume", None)
     try:
         cfg = cls.from_yaml(config, **overrides)
         if not cfg.model:
@@ -64,131 +67,113 @@ def _run(fn, *args) -> None:
     console.print(f"[green]saved[/green] {out}")
 
 
-@train_app.command()
-def sft(
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    train_file: DataOpt = None,
-    output_dir: OutOpt = None,
-    max_steps: StepsOpt = None,
-    style: StyleOpt = None,
-    lora: LoraOpt = None,
-    resume: ResumeOpt = None,
-    only_correct: Annotated[
-        bool | None, typer.Option("--only-correct/--all", help="RFT: correct trajectories only.")
-    ] = None,
-) -> None:
-    """Supervised fine-tuning; executor outputs and the prompt are masked out of the loss."""
+def _option_type(hint: Any) -> type | None:
+    """The option type of a field: str, int, float or bool (optional or a Literal of strings
+    allowed); None for lists, mappings and unions of several types (YAML only)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _option_type(args[0]) if len(args) == 1 else None
+    if typing.get_origin(hint) is typing.Literal:
+        return str if all(isinstance(a, str) for a in args) else None
+    return hint if hint in (str, int, float, bool) else None
+
+
+def config_options(cls: type) -> list[inspect.Parameter]:
+    """One keyword parameter per simple field of dataclass ``cls``, annotated as a Typer option
+    defaulting to None (= keep the YAML's or the dataclass's value)."""
+    from tirforge.training.config import field_docs
+
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        typ = _option_type(hints[f.name])
+        if typ is None or f.name.startswith("_"):
+            continue
+        dashed = "--" + f.name.replace("_", "-")
+        decls = ((BOOL_FLAGS.get(f.name, f"{dashed}/--no-{f.name.replace('_', '-')}"),)
+                 if typ is bool else (dashed, *ALIASES.get(f.name, ())))
+        text = HELP.get(f.name) or docs.get(f.name, "").split(". ")[0].rstrip(".") + "."
+        option = typer.Option(*decls, help=text, show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[typ | None, option]))
+    return params
+
+
+def trainer_command(cls: type, run: Callable[..., None], extra: list[inspect.Parameter] = (),
+                    doc: str = "") -> Callable[..., None]:
+    """A Typer command: ``--config`` + ``extra`` parameters + an option per field of ``cls``;
+    calls ``run(config_path, extras: dict, overrides: dict)``."""
+    extra_names = {p.name for p in extra}
+    fields = config_options(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=ConfigOpt), *extra, *fields]
+
+    def command(**kwargs: Any) -> None:
+        config = kwargs.pop("config")
+        extras = {k: kwargs.pop(k) for k in list(kwargs) if k in extra_names}
+        run(config, extras, kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    command.__doc__ = doc
+    return command
+
+
+def _sft() -> Callable[..., None]:
     from tirforge.training import sft as mod
 
-    cfg = _config(mod.SFTTrainConfig, config, model=model, train_file=train_file,
-                  output_dir=output_dir, max_steps=max_steps, style=style, lora=lora,
-                  resume=resume, only_correct=only_correct)
-    _run(mod.train, cfg)
+    def run(config, _extras, overrides):
+        _run(mod.train, _config(mod.SFTTrainConfig, config, **overrides))
+
+    return trainer_command(mod.SFTTrainConfig, run, doc="Supervised fine-tuning; executor "
+                           "outputs and the prompt are masked out of the loss.")
 
 
-@train_app.command()
-def rm(
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    train_file: DataOpt = None,
-    output_dir: OutOpt = None,
-    max_steps: StepsOpt = None,
-    style: StyleOpt = None,
-    lora: LoraOpt = None,
-    resume: ResumeOpt = None,
-    loss: Annotated[str | None, typer.Option(help="pairwise or listwise.")] = None,
-) -> None:
-    """Outcome reward model on correct vs incorrect trajectories of the same problem."""
+def _rm() -> Callable[..., None]:
     from tirforge.training import rm as mod
 
-    cfg = _config(mod.RMTrainConfig, config, model=model, train_file=train_file,
-                  output_dir=output_dir, max_steps=max_steps, style=style, lora=lora,
-                  resume=resume, loss=loss)
-    _run(mod.train, cfg)
+    def run(config, _extras, overrides):
+        _run(mod.train, _config(mod.RMTrainConfig, config, **overrides))
+
+    return trainer_command(mod.RMTrainConfig, run, doc="Outcome reward model on correct vs "
+                           "incorrect trajectories of the same problem.")
 
 
-@train_app.command()
-def dpo(
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    train_file: DataOpt = None,
-    output_dir: OutOpt = None,
-    max_steps: StepsOpt = None,
-    style: StyleOpt = None,
-    lora: LoraOpt = None,
-    resume: ResumeOpt = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta.")] = None,
-) -> None:
-    """Offline DPO on correct / incorrect pairs, tool outputs masked on both sides."""
+def _dpo() -> Callable[..., None]:
     from tirforge.training import dpo as mod
 
-    cfg = _config(mod.DPOTrainConfig, config, model=model, train_file=train_file,
-                  output_dir=output_dir, max_steps=max_steps, style=style, lora=lora,
-                  resume=resume, beta=beta)
-    _run(mod.train, cfg)
+    def run(config, _extras, overrides):
+        _run(mod.train, _config(mod.DPOTrainConfig, config, **overrides))
+
+    return trainer_command(mod.DPOTrainConfig, run, doc="Offline DPO on correct / incorrect "
+                           "pairs, tool outputs masked on both sides.")
 
 
-def _live_backend(model, tokenizer):
-    """The agent's transformers backend around the policy being trained (no reload per step)."""
-    from tirforge.agent.backends.hf import TransformersBackend
-
-    class LivePolicyBackend(TransformersBackend):
-        def __init__(self):  # skip loading from disk: generate with the live weights
-            self.model, self.model_path, self.load_s = model, "policy", 0.0
-            self.device = str(next(model.parameters()).device)
-            self.tokenizer = copy.copy(tokenizer)
-            self.tokenizer.padding_side = "left"
-
-    return LivePolicyBackend()
-
-
-def agent_rollout(agent_cfg, executor, problem_of: dict[str, str], backend_factory=None):
-    """A GRPO ``Rollout``: each prompt is solved by the agent graph with the live policy and a
-    kernel that is reset between rollouts (the kernel is in the loop). ``backend_factory(model,
-    tokenizer)`` replaces the live-policy backend (tests script the turns with it)."""
-    from tirforge.agent.graph import solve
-
-    def rollout(prompts, model, tokenizer):
-        backend = (backend_factory or _live_backend)(model, tokenizer)
-        out = []
-        for messages in prompts:
-            executor.reset()
-            problem = problem_of[json.dumps(messages, sort_keys=True)]
-            out.append(solve(problem, backend, executor, agent_cfg))
-        return out
-
-    return rollout
-
-
-@train_app.command()
-def grpo(
-    problems: Annotated[Path, typer.Option(help="JSONL of {problem, answer} or trajectories.")],
-    config: ConfigOpt = None,
-    model: ModelOpt = None,
-    output_dir: OutOpt = None,
-    max_steps: StepsOpt = None,
-    lora: LoraOpt = None,
-    resume: ResumeOpt = None,
-    rm_path: Annotated[str | None, typer.Option("--rm", help="RM to shape the reward.")] = None,
-    max_turns: Annotated[int, typer.Option(help="Agent turns per rollout.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per agent turn.")] = 256,
-    executor: Annotated[str, typer.Option(help="Kernel backend: local or docker.")] = "local",
-    sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap or none.")] = "auto",
-) -> None:
-    """GRPO: each rollout is a multi-turn agent trajectory; reward = verifier (+ RM shaping)."""
-    from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.graph import AgentConfig
-    from tirforge.executors import ExecutorConfig, make_executor
+def _grpo() -> Callable[..., None]:
     from tirforge.training import grpo as mod
 
-    cfg = _config(mod.GRPOTrainConfig, config, needs_data=False, model=model, output_dir=output_dir,
-                  max_steps=max_steps, lora=lora, resume=resume, rm_path=rm_path)
-    agent_cfg = AgentConfig(
-        max_turns=max_turns,
-        sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=cfg.temperature),
-    )
+    problems = inspect.Parameter(
+        "problems", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[Path, typer.Option(
+            help="JSONL of {problem, answer} or trajectories.")])
+
+    def run(config, extras, overrides):
+        cfg = _config(mod.GRPOTrainConfig, config, needs_data=False, **overrides)
+        _run_grpo(mod, cfg, extras["problems"])
+
+    return trainer_command(mod.GRPOTrainConfig, run, [problems], doc="GRPO: each rollout is a "
+                           "multi-turn agent trajectory; reward = verifier (+ RM shaping).")
+
+
+def _run_grpo(mod: Any, cfg: Any, problems: Path) -> None:
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.pipelines.rollout import agent_rollout, prompt_key
+    from tirforge.executors import ExecutorConfig, make_executor
+
+    agent_cfg = AgentConfig(max_turns=cfg.max_turns, sampling=SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))
     try:
+        exec_cfg = ExecutorConfig(backend=cfg.executor, sandbox=cfg.sandbox, timeout=cfg.timeout)
         rows = mod.load_problems(problems, make_prompt=agent_cfg.fmt.build_messages)
     except (ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -196,11 +181,37 @@ def grpo(
     # The agent builds its own prompt from the problem text; keep the dataset's prompt identical.
     for r in rows:
         r["prompt"] = agent_cfg.fmt.build_messages(r["problem"], hint=agent_cfg.tool_hint)
-    problem_of = {json.dumps(r["prompt"], sort_keys=True): r["problem"] for r in rows}
-    kernel = make_executor(ExecutorConfig(backend=executor, sandbox=sandbox))
+    problem_of = {prompt_key(r["prompt"]): r["problem"] for r in rows}
+    kernel = make_executor(exec_cfg)
     kernel.start()
     with kernel:
         _run(mod.train, cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
+
+
+TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {
+    "sft": _sft, "rm": _rm, "dpo": _dpo, "grpo": _grpo}
+"""Trainer name -> a builder of its command (imports the trainer's module when called)."""
+
+
+class _Trainers(TyperGroup):
+    """``tirforge train``: each trainer's command (and module) is built only when named."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(TRAINERS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in TRAINERS:
+            return None
+        one = typer.Typer()
+        one.command(name)(TRAINERS[name]())
+        return typer.main.get_command(one)
+
+
+train_app = typer.Typer(
+    cls=_Trainers,
+    help="Train on trajectories: SFT, reward model, DPO, GRPO with tool rollouts.",
+    no_args_is_help=True,
+)
 
 
 def score_command(

@@ -12,7 +12,7 @@ import pytest
 
 from tirforge.agent.backends.replay import ReplayBackend
 from tirforge.agent.graph import AgentConfig
-from tirforge.apps.data import run_collect, summarize
+from tirforge.agent.pipelines.collect import run_collect, summarize
 from tirforge.executors import ExecutorConfig, KernelPool
 from tirforge.trajectories.datasets import FieldMap, load_file
 from tirforge.trajectories.store import Store, key_of

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tirforge.apps.cli import app
-from tirforge.apps.eval import choice_letter, is_correct
+from tirforge.agent.pipelines.evaluate import choice_letter, is_correct
 from tirforge.trajectories.schema import Trajectory
 
 pytestmark = pytest.mark.timeout(600)

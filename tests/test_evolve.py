@@ -4,7 +4,7 @@ import pytest
 
 from tirforge.agent.backends.replay import ReplayBackend
 from tirforge.agent.graph import AgentConfig
-from tirforge.apps.data import run_evolve
+from tirforge.agent.pipelines.evolve import run_evolve, store_collector
 from tirforge.executors import ExecutorConfig, KernelPool
 from tirforge.trajectories.datasets import Problem
 from tirforge.trajectories.evolve import (
@@ -61,9 +61,9 @@ def test_evolve_then_label_by_consensus_on_replay(tmp_path):
                                             f"\\boxed{{{3 - k % 3 // 2}}}"] for k in range(3)}
     with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
         problems, stats = run_evolve(
-            [SEED], generate, label_samples=3, store=Store(tmp_path / "s"),
-            backend=ReplayBackend(scripts), pool=pool, agent_cfg=AgentConfig(),
-            types=["change_numbers", "reverse"], threshold=0.9,
+            [SEED], generate,
+            store_collector(Store(tmp_path / "s"), ReplayBackend(scripts), pool, AgentConfig()),
+            label_samples=3, types=["change_numbers", "reverse"], threshold=0.9,
         )
     by_type = {p.meta["type"]: p for p in problems}
     assert by_type["change_numbers"].reference == "12"
@@ -86,9 +86,9 @@ def test_a_rewritten_problem_is_labelled_afresh(tmp_path):
         text = f"New problem: Tom has {n} apples, buys 5 more. How many?"
         with KernelPool(ExecutorConfig(backend="local", sandbox="bwrap", pool_size=1)) as pool:
             problems, _ = run_evolve(
-                [SEED], lambda ps, text=text: [text for _ in ps], label_samples=2, store=store,
-                backend=ReplayBackend(scripts), pool=pool, agent_cfg=AgentConfig(),
-                types=["change_numbers"],
+                [SEED], lambda ps, text=text: [text for _ in ps],
+                store_collector(store, ReplayBackend(scripts), pool, AgentConfig()),
+                label_samples=2, types=["change_numbers"],
             )
         (p,) = problems
         assert p.id == "gsm8k/0/change_numbers/0"

@@ -148,7 +148,7 @@ def test_agent_rollouts_run_the_kernel_in_the_loop(tmp_path):
     model would never write a code block), the policy being trained is the tiny model."""
     from tirforge.agent.backends.replay import ReplayBackend
     from tirforge.agent.graph import AgentConfig
-    from tirforge.apps.train import agent_rollout
+    from tirforge.agent.pipelines.rollout import agent_rollout
     from tirforge.executors import ExecutorConfig, make_executor
 
     agent_cfg = AgentConfig(max_turns=3)

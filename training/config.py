@@ -14,6 +14,88 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C", bound="TrainConfig")
+D = TypeVar("D")
+
+
+# --------------------------------------------------------------------------- config files
+# One set of rules for every config dataclass (trainers, the loop): a YAML mapping of field
+# names, nested mappings for nested dataclasses, and a clear error for any unknown key.
+
+
+def load_yaml(path: str | Path | None) -> dict[str, Any]:
+    """The mapping in a YAML file ({} for None or an empty file); ValueError if not a mapping."""
+    if path is None:
+        return {}
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of field: value")
+    return loaded
+
+
+def build(cls: type[D], data: dict[str, Any], *, where: str | None = None) -> D:
+    """``cls(**data)``, where a mapping given for a dataclass-valued field is merged onto that
+    field's default (so a section sets only what it names) and a YAML list given for a tuple
+    field becomes a tuple. ValueError names any unknown key by its dotted path."""
+    where = where or cls.__name__
+    return cls(**_fields_from(cls, data, where, None))
+
+
+def merge(obj: D, data: dict[str, Any], *, where: str) -> D:
+    """A copy of dataclass ``obj`` with the (possibly nested) fields of ``data`` replaced."""
+    return dataclasses.replace(obj, **_fields_from(type(obj), data, where, obj))  # type: ignore[type-var]
+
+
+def _fields_from(cls: type, data: Any, where: str, base: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of field: value, not {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {where} fields: {unknown}; known: {sorted(fields)}")
+    out = {}
+    for name, value in data.items():
+        proto = getattr(base, name) if base is not None else _default(fields[name])
+        if dataclasses.is_dataclass(proto) and not isinstance(proto, type):
+            value = merge(proto, value, where=f"{where}.{name}")
+        elif isinstance(proto, tuple) and isinstance(value, list):
+            value = tuple(value)
+        out[name] = value
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass as YAML-safe nested dicts and lists (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(obj))))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dotted paths, for diffs and messages)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
 
 
 @dataclass
@@ -73,19 +155,12 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path | None, **overrides: Any) -> C:
-        """Fields from a YAML mapping, then ``overrides`` (None values are ignored)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: a config file must be a mapping of field: value")
-            data.update(loaded)
+        """Fields from a YAML mapping, then ``overrides`` (None values are ignored).
+
+        Raises ValueError naming any unknown field, or a file that is not a mapping."""
+        data = load_yaml(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return build(cls, data)
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The fields that map 1:1 onto transformers/TRL ``TrainingArguments``."""
@@ -141,3 +216,26 @@ def train_and_save(trainer, cfg: TrainConfig) -> str:
     if trainer.is_world_process_zero():  # one writer for the tokenizer files
         trainer.processing_class.save_pretrained(cfg.output_dir)
     return cfg.output_dir
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body, as written in
+    this package), through the base classes; the first sentence serves as CLI help."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        except (OSError, TypeError):
+            continue
+        for stmt, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -55,6 +55,16 @@ class GRPOTrainConfig(TrainConfig):
     """α in r = r_v + σ(α·r_m) - 1."""
     learning_rate: float = 1e-6
     """Peak learning rate."""
+    max_turns: int = 4
+    """Agent turns per rollout (``AgentConfig.max_turns``)."""
+    max_new_tokens: int = 256
+    """Tokens per agent turn (``SamplingParams.max_new_tokens``)."""
+    executor: str = "local"
+    """Kernel backend of the rollouts: local or docker (``ExecutorConfig.backend``)."""
+    sandbox: str = "auto"
+    """Local isolation: auto, bwrap or none (``ExecutorConfig.sandbox``)."""
+    timeout: float = 10.0
+    """Seconds a code cell may run before the kernel is interrupted (``ExecutorConfig.timeout``)."""
 
 
 def load_problems(path: str | Path, make_prompt: Callable[[str], list[dict]] | None = None):

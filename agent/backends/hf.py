@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -42,8 +43,23 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_path: str, *, device: str | None = None, dtype: str = "auto"):
+    def __init__(self, model_path: str = "", *, device: str | None = None, dtype: str = "auto",
+                 model=None, tokenizer=None):
+        """Load ``model_path`` (a local folder or hub id) onto ``device`` (default: cuda when
+        available) in ``dtype`` (``auto``: bf16 on a GPU, fp32 on a CPU); or, given ``model``
+        and ``tokenizer``, generate with that model as it is, already in memory (e.g. the policy
+        a trainer is updating: it is neither moved, cast, copied nor put in eval mode; the
+        tokenizer is copied to pad on the left)."""
         t0 = time.perf_counter()
+        if model is not None:
+            if tokenizer is None:
+                raise ValueError("a loaded model needs its tokenizer")
+            self.model, self.model_path = model, model_path or "policy"
+            self.device = str(next(model.parameters()).device)
+            self.tokenizer = copy.copy(tokenizer)
+            self.tokenizer.padding_side = "left"
+            self.load_s = 0.0
+            return
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
             # bf16 matmuls are slow on most CPUs; fp32 for a 135M model costs only ~0.5 GB.
@@ -63,6 +79,11 @@ class TransformersBackend:
         self.model.to(self.device).eval()
         self.model_path = model_path
         self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str = "policy") -> TransformersBackend:
+        """A backend around an already-loaded model and tokenizer (see ``__init__``)."""
+        return cls(name, model=model, tokenizer=tokenizer)
 
     def render(self, req: Request) -> str:
         """Chat template + generation prompt + the assistant's text so far."""
