@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tirforge.apps.cli import app
 from tirforge.agent.pipelines.evaluate import choice_letter, is_correct
+from tirforge.apps.cli import app
 from tirforge.trajectories.schema import Trajectory
 
 pytestmark = pytest.mark.timeout(600)

@@ -11,15 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tirforge.agent.backends.replay import ReplayBackend
-from tirforge.apps.loop import (
-    LoopConfig,
-    check_disjoint,
-    complete_model,
-    load_splits,
-    run_loop,
-    split_problems,
-)
-from tirforge.apps.loop_report import bootstrap_ci
+from tirforge.agent.pipelines.loop import check_disjoint, load_splits, run_loop, split_problems
+from tirforge.agent.pipelines.loop_config import LoopConfig
+from tirforge.agent.pipelines.loop_report import bootstrap_ci
+from tirforge.agent.pipelines.loop_train import complete_model
 from tirforge.trajectories.datasets import Problem
 
 from .training_utils import tiny_model_dir
@@ -65,19 +60,23 @@ class Factory:
 
 
 def make_cfg(tmp_path: Path, **kw) -> LoopConfig:
+    """A config as a YAML file would give it (nested sections); ``sft`` entries in ``kw`` are
+    added to the section."""
     data = tmp_path / "toy.jsonl"
     if not data.exists():
         write_problems(tmp_path)
     model = kw.pop("model", None) or tiny_model_dir(tmp_path)
+    sft = {"num_train_epochs": 1, "learning_rate": 1e-3, "max_length": 256,
+           "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+           "report_to": ["none"], "save_steps": 1000, **kw.pop("sft", {})}
     base = dict(
         name="t", out_dir=str(tmp_path / "runs"), model=model, train_dataset=str(data),
         train_start=0, train_limit=4, eval_dataset=str(data), eval_start=4, eval_limit=4,
-        rounds=2, samples_per_problem=K, temperature=0.7, max_new_tokens=64, max_turns=3,
-        concurrency=2, sandbox="auto", max_per_problem=4, sft_epochs=1, sft_lr=1e-3,
-        sft_max_length=256, sft_batch_size=4, sft_grad_accum=1,
-        sft_extra={"report_to": ["none"], "save_steps": 1000}, bootstrap_samples=500,
+        rounds=2, samples_per_problem=K, concurrency=2, max_per_problem=4,
+        agent={"max_turns": 3, "sampling": {"temperature": 0.7, "max_new_tokens": 64}},
+        executor={"sandbox": "auto"}, sft=sft, bootstrap_samples=500,
     )
-    return LoopConfig(**{**base, **kw})
+    return LoopConfig.from_dict({**base, **kw})
 
 
 def shard_lines(run: Path) -> dict[str, int]:
@@ -166,8 +165,8 @@ def test_loop_end_to_end_then_rerun_skips_everything(tmp_path):
 
 def test_interrupted_run_resumes_without_redoing_round_0(tmp_path):
     # rounds=1 stands for a run killed after round 1's eval; LoRA covers the adapter merge.
-    cfg = make_cfg(tmp_path, rounds=1, sft_lora=True, save_dtype="bfloat16",
-                   sft_extra={"report_to": ["none"], "lora_r": 4, "lora_alpha": 8})
+    cfg = make_cfg(tmp_path, rounds=1, save_dtype="bfloat16",
+                   sft={"lora": True, "lora_r": 4, "lora_alpha": 8})
     first = Factory(tmp_path / "toy.jsonl")
     run_loop(cfg, first)
     run = cfg.run_dir
@@ -298,3 +297,74 @@ def test_loop_command_is_registered():
 
     r = CliRunner().invoke(app, ["loop", "--help"])
     assert r.exit_code == 0 and "--config" in r.output
+
+
+def test_old_flat_keys_and_unknown_keys_are_refused_by_name(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("max_turns: 3\ncell_timeout: 5\nexecutor: docker\nsft_lr: 1.0e-5\n"
+                   "sft_extra: {warmup_steps: 0.1}\n")
+    with pytest.raises(ValueError) as e:
+        LoopConfig.from_yaml(old)
+    for spelled in ("max_turns -> agent.max_turns", "cell_timeout -> executor.timeout",
+                    "executor -> executor.backend", "sft_lr -> sft.learning_rate",
+                    "sft_extra -> sft.<field>"):
+        assert spelled in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("agent: {max_turn: 3}\n", r"unknown LoopConfig.agent fields: \['max_turn'\]"),
+        ("agent: {sampling: {temp: 1}}\n", r"unknown LoopConfig.agent.sampling fields"),
+        ("executor: {timeout: 5, nope: 1}\n", r"unknown LoopConfig.executor fields: \['nope'\]"),
+        ("sft: {model: x}\n", r"sft.model: set by the loop"),
+        ("agent: 3\n", "LoopConfig.agent must be a mapping"),
+        ("agent: {format: nonsense}\n", "nonsense"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            LoopConfig.from_yaml(bad)
+
+
+def test_sections_merge_onto_the_loop_defaults(tmp_path):
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import AgentConfig
+
+    cfg = LoopConfig.from_dict({"agent": {"sampling": {"top_p": 0.9}}, "sft": {"lora": True},
+                                "executor": {"timeout": 3}})
+    default = LoopConfig()
+    assert cfg.agent.sampling.top_p == 0.9
+    assert cfg.agent.sampling.max_new_tokens == default.agent.sampling.max_new_tokens == 384
+    assert cfg.agent.max_turns == 4 and cfg.sft.lora and cfg.sft.num_train_epochs == 2.0
+    assert cfg.executor_config().timeout == 3 and cfg.executor_config().pool_size == 8
+    # Eval is greedy with the eval budgets; the shipped CPU config keeps its former settings.
+    cpu = LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml")
+    assert cpu.agent == AgentConfig(format="qwen-tir", max_turns=3, sampling=SamplingParams(
+        max_new_tokens=192, temperature=0.7, top_p=1.0))
+    assert cpu.eval_agent().sampling == SamplingParams(max_new_tokens=192, temperature=0.0)
+    assert (cpu.executor.timeout, cpu.sft.learning_rate, cpu.sft.save_steps) == (10, 5e-5, 10)
+
+
+def test_a_run_locked_with_the_old_flat_keys_is_still_read(tmp_path):
+    import yaml
+
+    from tirforge.agent.pipelines.loop_config import check_run_config
+    from tirforge.training.config import to_plain
+
+    cfg = make_cfg(tmp_path, model="unused")
+    d = to_plain(cfg)  # what an earlier version locked: the same settings, flat
+    agent, ex, sft = d.pop("agent"), d.pop("executor"), d.pop("sft")
+    d.update(format=agent["format"], max_turns=agent["max_turns"],
+             temperature=agent["sampling"]["temperature"], top_p=agent["sampling"]["top_p"],
+             max_new_tokens=agent["sampling"]["max_new_tokens"], cell_timeout=ex["timeout"],
+             executor=ex["backend"], sandbox=ex["sandbox"], sft_epochs=sft["num_train_epochs"],
+             sft_lr=sft["learning_rate"], sft_lora=sft["lora"], sft_max_length=sft["max_length"],
+             sft_batch_size=sft["per_device_train_batch_size"],
+             sft_grad_accum=sft["gradient_accumulation_steps"],
+             sft_extra={"report_to": ["none"], "save_steps": 1000})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(d))
+    check_run_config(cfg)  # same settings: accepted, and the lock is rewritten nested
+    assert "agent" in yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+    cfg.executor.timeout = 3.0
+    with pytest.raises(ValueError, match=r"executor\.timeout differ"):
+        check_run_config(cfg)
+    cfg.executor.timeout, cfg.executor.sandbox = 10.0, "none"  # the sandbox may change
+    check_run_config(cfg)

@@ -32,13 +32,16 @@ def run_evolve(
     batch_size: int = 16,
     keep: Callable[[list[Problem]], list[Problem]] | None = None,
     generated: tuple[list[Problem], dict[str, Any]] | None = None,
+    on_generated: Callable[[list[Problem], dict[str, Any]], None] | None = None,
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Rewrite ``seeds`` with ``generate`` (prompts -> texts), then label every new problem by
     the consensus of ``label_samples`` TIR answers (``collect``); agreement below ``threshold``
     leaves it unlabelled (reference None). ``keep`` filters / renames the rewrites before
-    labelling (e.g. drop ones that reproduce a held-out problem); ``generated`` = (problems,
-    stats) of an earlier run skips the rewriting. Returns (new problems, labelled when
-    ``label_samples`` > 0; stats: the rewrite counts, ``seeds``, ``new``, ``accepted``)."""
+    labelling (e.g. drop ones that reproduce a held-out problem); ``on_generated(problems,
+    stats)`` sees them before labelling starts (to keep them: rewriting samples), and
+    ``generated`` = those (problems, stats) from an earlier run skips the rewriting. Returns
+    (new problems, labelled when ``label_samples`` > 0; stats: the rewrite counts, ``seeds``,
+    ``new``, ``accepted``)."""
     from tirforge.trajectories.evolve import EVOLVE_TYPES, EvolveConfig, evolve, label
 
     if generated is None:
@@ -47,6 +50,8 @@ def run_evolve(
         new = keep(made) if keep is not None else made
         stats: dict[str, Any] = {**asdict(erep), "seeds": len(seeds),
                                  "dropped_overlap": len(made) - len(new)}
+        if on_generated is not None:
+            on_generated(new, stats)
     else:
         new, stats = generated
     labelled = new

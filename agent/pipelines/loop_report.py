@@ -1,19 +1,66 @@
-"""What ``tirforge loop`` reports: per-trajectory outcomes, the bootstrap CI of held-out
-accuracy, and the run's ``summary.md`` table and ``progress.png`` plot, all computed from the
-stage markers' metrics (``apps.loop`` writes them)."""
+"""What the self-improvement loop reports: per-trajectory outcomes, the bootstrap CI of held-out
+accuracy, the stage markers (``round-<r>/<stage>.done``, each holding its stage's metrics: the
+source of truth), and the run's ``metrics.jsonl``, ``summary.md`` table and ``progress.png``
+plot, all rebuilt from the markers."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tirforge.agent.pipelines.loop_config import write_atomic
 from tirforge.trajectories.schema import Trajectory
 
 if TYPE_CHECKING:
-    from tirforge.apps.loop import LoopConfig
+    from tirforge.agent.pipelines.loop_config import LoopConfig
+
+STAGES = ("eval", "evolve", "collect", "select", "train")
+"""A round's stages, in order (the last round only evaluates)."""
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def _marker(rd: Path, stage: str) -> Path:
+    return rd / f"{stage}.done"
+
+
+def read_marker(rd: Path, stage: str) -> dict | None:
+    """A finished stage's metrics, or None while it has not finished."""
+    path = _marker(rd, stage)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def finish_stage(rd: Path, stage: str, metrics: dict) -> dict:
+    """Record ``stage`` of the round in ``rd`` as finished, with its metrics (returned)."""
+    write_atomic(_marker(rd, stage), json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
+def collect_rows(cfg: LoopConfig) -> list[dict]:
+    """One row per round that has finished at least one stage, from the markers."""
+    rows = []
+    for r in range(cfg.rounds + 1):
+        rd = cfg.run_dir / f"round-{r}"
+        row: dict[str, Any] = {"round": r}
+        row.update({stage: m for stage in STAGES if (m := read_marker(rd, stage)) is not None})
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def write_reports(cfg: LoopConfig) -> list[dict]:
+    """Rewrite ``metrics.jsonl``, ``summary.md`` and ``progress.png`` from the markers."""
+    rows = collect_rows(cfg)
+    write_atomic(cfg.run_dir / "metrics.jsonl",
+                 "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    write_atomic(cfg.run_dir / "summary.md", render_summary(cfg, rows))
+    plot_progress(rows, cfg.run_dir / "progress.png")
+    return rows
 
 
 # --------------------------------------------------------------------------- statistics
@@ -87,12 +134,12 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
     rm = f", RM filter `{cfg.rm_filter}` >= {cfg.rm_threshold}" if cfg.rm_filter else ""
     lines = [
         f"# Self-improvement loop: {cfg.name}", "",
-        f"Base model `{cfg.model}` ({cfg.backend}, {cfg.format}); train {cfg.train_dataset} "
+        f"Base model `{cfg.model}` ({cfg.backend}, {cfg.agent.format}); train {cfg.train_dataset} "
         f"{span(cfg.train_start, cfg.train_limit)}, eval {cfg.eval_dataset} "
         f"{span(cfg.eval_start, cfg.eval_limit)}"
         + (f" (de-duplicated, shuffled with seed {cfg.seed})" if cfg.shuffle else "")
         + f"; {cfg.rounds} training round{'s' * (cfg.rounds != 1)}, K = {k} at temperature "
-        f"{cfg.temperature}, up to "
+        f"{cfg.agent.sampling.temperature}, up to "
         f"{cfg.max_per_problem} distinct paths per problem{rm}; eval greedy on "
         f"{ev['problems'] if ev else '?'} held-out problems, {cfg.ci_level:.0%} bootstrap CI.",
         "",
