@@ -143,17 +143,18 @@ def solve(
     ] = None,
 ) -> None:
     """Solve PROBLEM: the model writes Python, a Jupyter kernel runs it, the model answers."""
-    import contextlib
-    import sqlite3
-
     from tirforge.agent.backends import make_backend
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.backends.openai import ServerUnavailable
-    from tirforge.agent.formats import get_format
-    from tirforge.agent.graph import AgentConfig, solve_stream
+    from tirforge.agent.graph import AgentConfig
     from tirforge.agent.models import ModelNotFoundError
-    from tirforge.agent.strategies import SCORED_STRATEGIES, SOLVE_STRATEGIES
-    from tirforge.executors import ExecutorConfig, make_executor
+    from tirforge.agent.strategies import (
+        SOLVE_STRATEGIES,
+        ExecutorUnavailable,
+        solve_with,
+        summarize_answers,
+    )
+    from tirforge.executors import ExecutorConfig
     from tirforge.trajectories.schema import Trajectory, append_jsonl
 
     if not allow_network:
@@ -166,18 +167,14 @@ def solve(
     if strategy != "greedy" and session_db is not None:
         raise typer.BadParameter("--session-db resumes a single run: use it with "
                                  "--strategy greedy", param_hint="--session-db")
-    if strategy != "greedy" and temperature == 0:
-        temperature = 0.7  # N greedy samples would all be the same solution
     try:
-        fmt = get_format(format)
         cfg = AgentConfig(
             format=format, decompose=decompose, max_turns=max_turns, max_tokens=max_tokens,
-            max_time_s=max_time, cell_timeout=timeout,
-            sampling=SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-            ),
+            max_time_s=max_time,
+            sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    seed=seed),
         )
-        cfg.decomposes  # noqa: B018 - raises early if the format cannot decompose
+        cfg.decomposes  # noqa: B018 - raises early for an unknown format or decomposition
         with console.status(f"Loading {model} ({backend}) ..."):
             t_load = time.perf_counter()
             model_backend = make_backend(
@@ -190,117 +187,42 @@ def solve(
     console.log(f"{backend} backend ready in {time.perf_counter() - t_load:.1f}s")
     console.print(Panel(Text(problem), title="problem", border_style="cyan"))
     t0 = time.perf_counter()
-    traj: Trajectory | None = None
-    exec_cfg = ExecutorConfig(
-        backend=executor, timeout=timeout, sandbox=sandbox, memory_mb=memory_mb
-    )
-    scorer = None
-    if strategy in SCORED_STRATEGIES:
-        if rm is None:
-            from tirforge.agent.strategies import ExecutionScorer
+    scorer = _solve_scorer(strategy, rm)
+    status = console.status("thinking ...")
 
-            scorer = ExecutionScorer()
-            console.print("note: no --rm given, scoring with the model-free ExecutionScorer "
-                          "(an answer, cells that ran cleanly, few self-corrections)", style="dim")
-        else:
-            try:
-                with console.status(f"Loading reward model {rm} ..."):
-                    from tirforge.training.rm import RewardScorer
+    def on_event(node: str, item) -> None:  # the greedy run, as it streams
+        if node == "event":
+            if item["kind"] == "step_started":
+                status.update("running code ..." if item["node"] == "execute" else "thinking ...")
+            return
+        steps = item.get("steps")
+        if node in ("generate", "decompose") and steps:
+            _print_step(steps[-1], len(steps))
+        elif node == "execute" and steps:
+            _print_output(steps[-1])
+        elif node == "reflect" and steps:
+            console.print(Text(f"↻ {steps[-1].feedback.strip()}", style="yellow"))
 
-                    scorer = RewardScorer(rm)
-            except Exception as e:  # not a folder, not an RM: say so instead of a traceback
-                console.print(f"[red]error:[/red] could not load the reward model {rm}: {e}")
-                raise typer.Exit(2) from None
-    kernel = None
-    # Sampling strategies run their N samples concurrently on a kernel pool instead.
-    if fmt.uses_tools and strategy in ("greedy", "step-search"):
-        try:
-            with console.status(f"Starting a {executor} kernel ..."):
-                kernel = make_executor(exec_cfg)
-                kernel.start()
-        except Exception as e:  # no Docker daemon, no image, no bwrap: say how to fix it
-            console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
-            raise typer.Exit(2) from None
-    checkpointer = None
-    # The N samples (or, for step-search, every finished candidate) behind the choice.
-    samples: list[Trajectory] = []
-    search_note = ""
-    with contextlib.ExitStack() as stack:
-        if kernel is not None:
-            stack.enter_context(kernel)
-        pool = None
-        if fmt.uses_tools and strategy not in ("greedy", "step-search"):
-            from tirforge.executors import KernelPool
+    def on_search_step(i: int, kept: list[Trajectory]) -> None:
+        console.log(f"step {i}: kept " + ", ".join(
+            f"{t.score:.2f}" + (f" [{t.final_answer}]" if t.stop_reason else "") for t in kept))
 
-            try:
-                with console.status(f"Starting {min(n, 8)} {executor} kernels ..."):
-                    pool = stack.enter_context(KernelPool(exec_cfg, size=min(n, 8)))
-            except Exception as e:
-                console.print(f"[red]error:[/red] could not start the {executor} executor: {e}")
-                raise typer.Exit(2) from None
-        if session_db is not None:
-            from langgraph.checkpoint.sqlite import SqliteSaver
-
-            conn = stack.enter_context(
-                contextlib.closing(sqlite3.connect(session_db, check_same_thread=False))
-            )
-            checkpointer = SqliteSaver(conn)
-            thread_id = thread_id or "default"
-        status = console.status("thinking ...")
-        status.start()
-        try:
-            if strategy == "step-search":
-                from tirforge.agent.search import StepSearchConfig, step_search
-
-                def on_step(i: int, kept: list[Trajectory]) -> None:
-                    console.log(f"step {i}: kept " + ", ".join(
-                        f"{t.score:.2f}" + (f" [{t.final_answer}]" if t.stop_reason else "")
-                        for t in kept))
-
-                status.update(f"searching (beam {beam}, {n} continuations per step) ...")
-                res = step_search(
-                    problem, model_backend, kernel, scorer,
-                    StepSearchConfig(beam_width=beam, expansions_per_step=n, agent=cfg),
-                    reference=answer, model_name=model or backend, on_step=on_step,
-                )
-                traj, samples = res.best, res.finished
-                search_note = f"{res.steps} steps, {res.expansions} continuations"
-            elif strategy != "greedy":
-                from tirforge.agent.runner import RunnerConfig, run_many
-                from tirforge.agent.strategies import choose
-
-                status.update(f"sampling {n} solutions ...")
-                samples = run_many(
-                    [{"problem": problem, "reference": answer}], model_backend, pool, cfg,
-                    RunnerConfig(samples=n, max_concurrency=n), model_name=model or backend,
-                )
-                traj = choose(samples, strategy, scorer)
-            else:
-                for node, item in solve_stream(
-                    problem, model_backend, kernel, cfg, reference=answer,
-                    model_name=model or backend, checkpointer=checkpointer, thread_id=thread_id,
-                ):
-                    if isinstance(item, Trajectory):
-                        traj = item
-                        continue
-                    if node == "event":
-                        if item["kind"] == "step_started":
-                            status.update("running code ..." if item["node"] == "execute"
-                                          else "thinking ...")
-                        continue
-                    steps = item.get("steps")
-                    if node in ("generate", "decompose") and steps:
-                        _print_step(steps[-1], len(steps))
-                    elif node == "execute" and steps:
-                        _print_output(steps[-1])
-                    elif node == "reflect" and steps:
-                        console.print(Text(f"↻ {steps[-1].feedback.strip()}", style="yellow"))
-        except ServerUnavailable as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from None
-        finally:
-            status.stop()
-    assert traj is not None
+    status.start()
+    try:
+        res = solve_with(
+            strategy, problem, model_backend, cfg,
+            ExecutorConfig(backend=executor, timeout=timeout, sandbox=sandbox,  # type: ignore[arg-type]
+                           memory_mb=memory_mb),
+            n=n, beam=beam, scorer=scorer, reference=answer, model_name=model or backend,
+            session_db=session_db, thread_id=thread_id, on_event=on_event,
+            on_search_step=on_search_step, on_status=status.update,
+        )
+    except (ServerUnavailable, ExecutorUnavailable) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    finally:
+        status.stop()
+    traj = res.trajectory
     if strategy != "greedy":  # nothing was streamed: show the chosen solution now
         for i, step in enumerate(traj.steps, 1):
             _print_step(step, i)
@@ -318,16 +240,35 @@ def solve(
         + f"time: {time.perf_counter() - t0:.1f}s"
     )
     if strategy != "greedy":
-        from tirforge.agent.strategies import summarize_answers
-
         what = "finished" if strategy == "step-search" else "samples"
-        console.print(f"{strategy}: {len(samples)} {what}: "
-                      + (summarize_answers(samples) if samples else "none")
-                      + (f"   ({search_note})" if search_note else "")
+        console.print(f"{strategy}: {len(res.candidates)} {what}: "
+                      + (summarize_answers(res.candidates) if res.candidates else "none")
+                      + (f"   ({res.note})" if res.note else "")
                       + (f"   chosen score {traj.score:.3f}" if traj.score is not None else ""))
     if out is not None:
         append_jsonl(out, traj)
         console.print(f"trajectory appended to {out}")
+
+
+def _solve_scorer(strategy: str, rm: str | None):
+    """``solve``'s scorer: the RM of ``--rm``, else the model-free ``ExecutionScorer`` (said so);
+    None for strategies that score nothing. Exits 2 when the RM cannot be loaded."""
+    from tirforge.agent.strategies import SCORED_STRATEGIES, ExecutionScorer
+
+    if strategy not in SCORED_STRATEGIES:
+        return None
+    if rm is None:
+        console.print("note: no --rm given, scoring with the model-free ExecutionScorer "
+                      "(an answer, cells that ran cleanly, few self-corrections)", style="dim")
+        return ExecutionScorer()
+    try:
+        with console.status(f"Loading reward model {rm} ..."):
+            from tirforge.training.rm import RewardScorer
+
+            return RewardScorer(rm)
+    except Exception as e:  # not a folder, not an RM: say so instead of a traceback
+        console.print(f"[red]error:[/red] could not load the reward model {rm}: {e}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
