@@ -140,3 +140,29 @@ def test_solve_cli_rejects_bad_options(monkeypatch, tmp_path):
     r, _ = solve_cli(monkeypatch, SAMPLES, "--strategy", "best-of-n", "--rm",
                      str(tmp_path / "missing"))
     assert r.exit_code == 2 and "could not load the reward model" in r.output
+
+
+def test_solve_with_runs_each_strategy_without_the_cli():
+    from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.strategies import ExecutorUnavailable, solve_with
+    from tirforge.executors import ExecutorConfig
+
+    agent = AgentConfig(max_turns=4, sampling=SamplingParams(seed=0))  # temperature 0
+    exec_cfg = ExecutorConfig(backend="local", sandbox="auto", timeout=10)
+    res = solve_with("majority", "What is 6 * 7?", Scripted(SAMPLES), agent, exec_cfg, n=3,
+                     reference="42")
+    assert res.trajectory.final_answer == "41" and len(res.candidates) == 3
+    events: list[str] = []
+    res = solve_with("greedy", "What is 6 * 7?", Scripted(SAMPLES), agent, exec_cfg,
+                     reference="42", on_event=lambda node, _: events.append(node))
+    assert res.trajectory.verdict == "correct" and res.candidates == []
+    assert "execute" in events and "generate" in events  # streamed as it ran
+    with pytest.raises(ValueError, match="needs a scorer"):
+        solve_with("best-of-n", "q", Scripted(SAMPLES), agent, exec_cfg)
+    with pytest.raises(ValueError, match="single run"):
+        solve_with("majority", "q", Scripted(SAMPLES), agent, exec_cfg, session_db="x.db")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        solve_with("beam", "q", Scripted(SAMPLES), agent, exec_cfg)
+    broken = ExecutorConfig(backend="docker", image="tirforge-no-such-image:none")
+    with pytest.raises(ExecutorUnavailable, match="could not start the docker executor"):
+        solve_with("greedy", "q", Scripted(SAMPLES), agent, broken)
