@@ -368,3 +368,15 @@ def test_a_run_locked_with_the_old_flat_keys_is_still_read(tmp_path):
         check_run_config(cfg)
     cfg.executor.timeout, cfg.executor.sandbox = 10.0, "none"  # the sandbox may change
     check_run_config(cfg)
+
+
+def test_the_documented_runs_flat_lock_maps_onto_the_shipped_nested_config():
+    """docs/loop-cpu-run/config.yaml was locked by the flat version of configs/loop-cpu.yaml."""
+    from tirforge.agent.pipelines.loop_config import migrate_flat
+    from tirforge.training.config import build, flatten, load_yaml, to_plain
+
+    lock = load_yaml(Path(__file__).parents[1] / "docs/loop-cpu-run/config.yaml")
+    assert "sft_extra" in lock and "cell_timeout" in lock
+    old = flatten(to_plain(build(LoopConfig, migrate_flat(lock))))
+    new = flatten(to_plain(LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml")))
+    assert {k for k in old if old[k] != new[k]} == {"rounds"}  # that run was one round
