@@ -10,6 +10,7 @@ network) a hub id. A trainer's module (and torch) is imported only when its comm
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import types
@@ -119,34 +120,19 @@ def trainer_command(cls: type, run: Callable[..., None], extra: list[inspect.Par
     return command
 
 
-def _sft() -> Callable[..., None]:
-    from tirforge.training import sft as mod
+def _offline(name: str, cls_name: str, doc: str) -> Callable[[], Callable[..., None]]:
+    """The command builder of a trainer on a trajectory file (sft, rm, dpo)."""
 
-    def run(config, _extras, overrides):
-        _run(mod.train, _config(mod.SFTTrainConfig, config, **overrides))
+    def build() -> Callable[..., None]:
+        mod = importlib.import_module(f"tirforge.training.{name}")
+        cls = getattr(mod, cls_name)
 
-    return trainer_command(mod.SFTTrainConfig, run, doc="Supervised fine-tuning; executor "
-                           "outputs and the prompt are masked out of the loss.")
+        def run(config, _extras, overrides):
+            _run(mod.train, _config(cls, config, **overrides))
 
+        return trainer_command(cls, run, doc=doc)
 
-def _rm() -> Callable[..., None]:
-    from tirforge.training import rm as mod
-
-    def run(config, _extras, overrides):
-        _run(mod.train, _config(mod.RMTrainConfig, config, **overrides))
-
-    return trainer_command(mod.RMTrainConfig, run, doc="Outcome reward model on correct vs "
-                           "incorrect trajectories of the same problem.")
-
-
-def _dpo() -> Callable[..., None]:
-    from tirforge.training import dpo as mod
-
-    def run(config, _extras, overrides):
-        _run(mod.train, _config(mod.DPOTrainConfig, config, **overrides))
-
-    return trainer_command(mod.DPOTrainConfig, run, doc="Offline DPO on correct / incorrect "
-                           "pairs, tool outputs masked on both sides.")
+    return build
 
 
 def _grpo() -> Callable[..., None]:
@@ -189,7 +175,14 @@ def _run_grpo(mod: Any, cfg: Any, problems: Path) -> None:
 
 
 TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {
-    "sft": _sft, "rm": _rm, "dpo": _dpo, "grpo": _grpo}
+    "sft": _offline("sft", "SFTTrainConfig", "Supervised fine-tuning; executor outputs and the "
+                    "prompt are masked out of the loss."),
+    "rm": _offline("rm", "RMTrainConfig", "Outcome reward model on correct vs incorrect "
+                   "trajectories of the same problem."),
+    "dpo": _offline("dpo", "DPOTrainConfig", "Offline DPO on correct / incorrect pairs, tool "
+                    "outputs masked on both sides."),
+    "grpo": _grpo,
+}
 """Trainer name -> a builder of its command (imports the trainer's module when called)."""
 
 
