@@ -62,7 +62,7 @@ def _config(cls, config: Path | None, needs_data: bool = True, **overrides: Any)
 def _run(fn, *args) -> None:
     try:
         out = fn(*args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     console.print(f"[green]saved[/green] {out}")
@@ -143,35 +143,13 @@ def _grpo() -> Callable[..., None]:
             help="JSONL of {problem, answer} or trajectories.")])
 
     def run(config, extras, overrides):
+        from tirforge.agent.pipelines.rollout import run_grpo
+
         cfg = _config(mod.GRPOTrainConfig, config, needs_data=False, **overrides)
-        _run_grpo(mod, cfg, extras["problems"])
+        _run(run_grpo, cfg, extras["problems"])
 
     return trainer_command(mod.GRPOTrainConfig, run, [problems], doc="GRPO: each rollout is a "
                            "multi-turn agent trajectory; reward = verifier (+ RM shaping).")
-
-
-def _run_grpo(mod: Any, cfg: Any, problems: Path) -> None:
-    from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.graph import AgentConfig
-    from tirforge.agent.pipelines.rollout import agent_rollout, prompt_key
-    from tirforge.executors import ExecutorConfig, make_executor
-
-    agent_cfg = AgentConfig(max_turns=cfg.max_turns, sampling=SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))
-    try:
-        exec_cfg = ExecutorConfig(backend=cfg.executor, sandbox=cfg.sandbox, timeout=cfg.timeout)
-        rows = mod.load_problems(problems, make_prompt=agent_cfg.fmt.build_messages)
-    except (ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    # The agent builds its own prompt from the problem text; keep the dataset's prompt identical.
-    for r in rows:
-        r["prompt"] = agent_cfg.fmt.build_messages(r["problem"], hint=agent_cfg.tool_hint)
-    problem_of = {prompt_key(r["prompt"]): r["problem"] for r in rows}
-    kernel = make_executor(exec_cfg)
-    kernel.start()
-    with kernel:
-        _run(mod.train, cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
 
 
 TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {

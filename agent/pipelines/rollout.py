@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tirforge.trajectories.schema import Trajectory
@@ -43,3 +44,27 @@ def agent_rollout(agent_cfg: Any, executor: Any, problem_of: dict[str, str],
         return out
 
     return rollout
+
+
+def run_grpo(cfg: Any, problems: str | Path) -> str:
+    """``training.grpo.train`` with agent rollouts: the agent of ``cfg`` (``max_turns``,
+    ``max_new_tokens``, ``temperature``) on one sandboxed kernel (``executor``, ``sandbox``,
+    ``timeout``: the cell timeout), over the problems of ``problems`` (``grpo.load_problems``),
+    whose prompts are the agent's own so that TRL's prompt and the rollout's agree. Returns the
+    output folder; raises ValueError / OSError for a bad problems file or executor setting."""
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import AgentConfig
+    from tirforge.executors import ExecutorConfig, make_executor
+    from tirforge.training import grpo
+
+    agent_cfg = AgentConfig(max_turns=cfg.max_turns, sampling=SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))
+    exec_cfg = ExecutorConfig(backend=cfg.executor, sandbox=cfg.sandbox, timeout=cfg.timeout)
+    rows = grpo.load_problems(problems, make_prompt=agent_cfg.fmt.build_messages)
+    for r in rows:  # a trajectory file carries its own prompt: use the agent's instead
+        r["prompt"] = agent_cfg.fmt.build_messages(r["problem"], hint=agent_cfg.tool_hint)
+    problem_of = {prompt_key(r["prompt"]): r["problem"] for r in rows}
+    kernel = make_executor(exec_cfg)
+    kernel.start()
+    with kernel:
+        return grpo.train(cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
