@@ -94,3 +94,26 @@ def test_a_rewritten_problem_is_labelled_afresh(tmp_path):
         assert p.id == "gsm8k/0/change_numbers/0"
         labels.append(p.reference)
     assert labels == ["12", "13"]
+
+
+def test_evolve_command_rewrites_labels_and_writes_problems(monkeypatch, tmp_path):
+    """`tirforge evolve` end to end on the replay backend and real kernels."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tirforge.apps.cli import app
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"problem": SEED.problem, "answer": "5"}) + "\n")
+    new = "Tom has 7 apples, buys 5 more. How many?"
+    backend = ReplayBackend({"You rewrite math word problems": [f"New problem: {new}"],
+                             new: ["```python\nprint(7 + 5)\n```", "\\boxed{12}"]})
+    monkeypatch.setattr("tirforge.apps.data.make_run_backend", lambda *a, **k: backend)
+    out = tmp_path / "evolved.jsonl"
+    r = CliRunner().invoke(app, ["evolve", str(seeds), "--out", str(out), "--types",
+                                 "change_numbers", "--label-samples", "2", "--concurrency", "1"])
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert (row["problem"], row["answer"], row["type"]) == (new, "12", "change_numbers")
+    assert "'accepted': 1" in r.output
