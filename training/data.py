@@ -83,9 +83,14 @@ def require_trajectories(records: list[Record], what: str) -> list[Trajectory]:
     return trajs
 
 
+def problem_name(t: Trajectory) -> str:
+    """A trajectory's problem in reports: its id, else the start of its text (quoted)."""
+    return repr(t.problem_id or t.problem[:40])
+
+
 def pair_name(chosen: Trajectory, rejected: Trajectory) -> str:
     """How a (correct, incorrect) pair is named in reports: problem and both trajectory ids."""
-    return f"{chosen.problem_id or chosen.problem[:40]!r}: {chosen.id} vs {rejected.id}"
+    return f"{problem_name(chosen)}: {chosen.id} vs {rejected.id}"
 
 
 @dataclass

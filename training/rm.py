@@ -38,6 +38,7 @@ from tirforge.training.data import (
     load_records,
     pair_name,
     preference_pairs,
+    problem_name,
     require_trajectories,
 )
 from tirforge.training.masking import fit_trajectory
@@ -183,10 +184,10 @@ def listwise_groups(cfg: RMTrainConfig, tokenizer) -> list[dict]:
             seen.setdefault(tuple(ids), set()).add(c)
         keep = [i for i, (ids, _) in enumerate(enc) if len(seen[tuple(ids)]) == 1]
         if len(keep) < len(enc):
-            report.identical += [f"{t.problem_id}: {t.id}" for i, t in enumerate(chosen)
+            report.identical += [f"{problem_name(t)}: {t.id}" for i, t in enumerate(chosen)
                                  if i not in keep]
         if len({ok[i] for i in keep}) < 2:
-            report.skipped.append(f"{group[0].problem_id}: no correct/incorrect pair left")
+            report.skipped.append(f"{problem_name(group[0])}: no correct/incorrect pair left")
             continue
         groups.append({"ids": [enc[i][0] for i in keep], "correct": [ok[i] for i in keep]})
     if not groups and not report.skipped:
