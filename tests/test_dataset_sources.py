@@ -136,3 +136,25 @@ def test_resolution_order(clone, monkeypatch):
     assert load_dataset("gsm8k")[0].reference == refs[0]  # TIRFORGE_DATA wins
     monkeypatch.delenv("TIRFORGE_DATA")
     assert D.resolve("gsm8k")[0] == clone / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def test_collect_gsm8k_from_the_hub_with_allow_network(clone, monkeypatch):
+    """`tirforge collect gsm8k --allow-network` on a clone without data: the rows come from the
+    (local stand-in of the) Hub, are cached, and the collection runs on them."""
+    src = hub.hub_source("gsm8k")
+    _hub_repo(clone / "repo", src, _fixture_rows("gsm8k"))
+    stand_in = dataclasses.replace(src, repo=str(clone / "repo"))
+    monkeypatch.setitem(hub.HUB_SOURCES, "gsm8k", stand_in)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    turns = clone / "turns.json"
+    turns.write_text(json.dumps(["So \\boxed{18}."]))
+    args = ["collect", "gsm8k", "--limit", "2", "--samples", "1", "--out", str(clone / "store"),
+            "--replay", str(turns), "--concurrency", "1", "--sandbox", "bwrap", "--allow-network"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert hub.HUB_SOURCES["gsm8k"].cache_file().exists()
+    rows = [json.loads(line) for p in (clone / "store").glob("shard-*.jsonl")
+            for line in p.read_text().splitlines()]
+    # Janet's ducks (18) is right, the second problem (3 bolts) is not.
+    assert sorted((t["problem_id"], t["verdict"]) for t in rows) == [
+        ("gsm8k/0", "correct"), ("gsm8k/1", "incorrect")]
