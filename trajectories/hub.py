@@ -7,9 +7,15 @@ allows network. Each ``HubSource`` names the dataset id, config(s), split(s) and
 the Qwen2.5-Math evaluation files in row order and count (e.g. SVAMP is train + test, 700 + 300),
 so problem ids ``<name>/<row>`` of a Hub copy are not those of a local copy.
 
-The ids were chosen because widely used evaluation code loads them with these configs, splits
-and field names (lighteval, lm-evaluation-harness, eval-framework, TRL/open-r1 recipes); sets
-with no faithful Hub copy are listed in ``NOT_ON_HUB`` with where to get them.
+Each (id, config, split, fields) is one that public evaluation code loads: lighteval and
+Aleph-Alpha's eval-framework (``HuggingFaceH4/MATH-500`` test; ``EleutherAI/hendrycks_math``,
+one config per subject, test), NeMo-RL and rLLM (``HuggingFaceH4/aime_2024`` train: id,
+problem, answer), harnesses reading ``zwhe99/amc23`` test (question, answer),
+``deepmind/aqua_rat`` raw test (254 rows: question, options, correct), ``ChilleD/SVAMP``
+train + test (Body, Question, Answer, ID) and ``openai/gsm8k`` main / socratic. They were not
+downloaded here (no network); the loader path itself is tested on local Hub-style
+repositories. Registered sets without a faithful Hub copy (the other Qwen2.5-Math evaluation
+sets) raise with ``NOT_ON_HUB``.
 
 Downloaded rows are written once as JSONL under ``cache_root()/datasets/hub`` so later runs,
 offline included, read them without the network.
