@@ -58,10 +58,11 @@ def print_report(rep: CollectReport, samples: int) -> None:
         console.print(f"[red]failed[/red] {err}")
 
 
-def _load(dataset: str, fields: FieldMap | None, limit: int | None) -> list[Problem]:
+def _load(dataset: str, fields: FieldMap | None, limit: int | None,
+          allow_network: bool = False) -> list[Problem]:
     """Load or exit with the loader's message (file:line for malformed rows), no traceback."""
     try:
-        return load_dataset(dataset, fields, limit=limit)
+        return load_dataset(dataset, fields, limit=limit, allow_network=allow_network)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -103,7 +104,8 @@ def collect(
     answer_format: AnswerFormat = None,
     replay: Annotated[Path | None, typer.Option(
         help="Testing: replay these assistant turns (JSON list) instead of a model.")] = None,
-    allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
+    allow_network: Annotated[bool, typer.Option(
+        help="Allow hub downloads (the model, and a named dataset with no local copy).")] = False,
 ) -> None:
     """Run the agent K times on every problem of DATASET into a resumable store."""
     from tirforge.agent.backends.base import SamplingParams
@@ -114,7 +116,8 @@ def collect(
     if format not in FORMATS:
         raise typer.BadParameter(f"unknown format; one of {', '.join(FORMATS)}",
                                  param_hint="--format")
-    problems = _load(dataset, field_map(problem_field, answer_field, answer_format), limit)
+    problems = _load(dataset, field_map(problem_field, answer_field, answer_format), limit,
+                     allow_network)
     agent_cfg = AgentConfig(
         format=format,
         max_turns=max_turns,
@@ -232,7 +235,8 @@ def evolve(
     model: Annotated[str, typer.Option(help="Model that rewrites and solves.")] = "smollm2",
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     concurrency: Annotated[int, typer.Option(help="Labelling trajectories in flight.")] = 2,
-    allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
+    allow_network: Annotated[bool, typer.Option(
+        help="Allow hub downloads (the model, and a named dataset with no local copy).")] = False,
 ) -> None:
     """Rewrite seed problems (MuggleMath / DotaMath types) and label them by TIR consensus."""
     from tirforge.agent.backends.base import SamplingParams
@@ -240,7 +244,7 @@ def evolve(
     from tirforge.agent.pipelines.evolve import run_evolve, sampled_generate, store_collector
     from tirforge.executors import ExecutorConfig, KernelPool
 
-    seeds = _load(dataset, None, limit)
+    seeds = _load(dataset, None, limit, allow_network)
     with console.status(f"Loading {model} ..."):
         backend = make_run_backend(model, allow_network=allow_network, log=console.log)
     params = SamplingParams(max_new_tokens=512, temperature=temperature)

@@ -76,18 +76,25 @@ def eval_command(
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
     replay: Annotated[Path | None, typer.Option(
         help="Testing: replay these assistant turns (JSON list) instead of a model.")] = None,
-    allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
+    allow_network: Annotated[bool, typer.Option(
+        help="Allow hub downloads (the model, and a benchmark with no local copy).")] = False,
 ) -> None:
     """Evaluate a model: greedy, maj@N and RM@N per benchmark, as in the Qwen2.5-Math report."""
     from tirforge.agent.pipelines.collect import make_run_backend
     from tirforge.executors import KernelPool
-    from tirforge.trajectories.datasets import DATASETS
+    from tirforge.trajectories.datasets import DATASETS, DatasetNotFoundError, resolve
 
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in DATASETS]
     if not names or unknown:
         raise typer.BadParameter(f"unknown benchmark(s) {unknown}; known: {', '.join(DATASETS)}",
                                  param_hint="--benchmarks")
+    try:  # find (or download into the cache) every benchmark before loading a model
+        for b in names:
+            resolve(b, allow_network=allow_network)
+    except DatasetNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     cfg = EvalConfig(
         benchmarks=names, model="replay" if replay else model, format=format, n=n,
         temperature=temperature, top_p=top_p, limit=limit, max_turns=max_turns,

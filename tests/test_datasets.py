@@ -1,10 +1,14 @@
-"""Loaders on every shared dataset, plus generic files and malformed input."""
+"""Loaders on every registered dataset (committed fixtures always, the full files where present),
+generic files, malformed input, and where a named dataset is found (local, cache, Hub)."""
 
 import json
 
 import pytest
 
-from tirforge.trajectories.datasets import DATASETS, FieldMap, data_root, load_dataset, load_file
+from tirforge.trajectories import datasets as D
+from tirforge.trajectories.datasets import DATASETS, FieldMap, load_dataset, load_file
+
+from .data_files import FIXTURES, full_data
 
 COUNTS = {
     "gsm8k": 1319, "gsm8k-train": 7473, "gsm8k-socratic": 1319, "math": 5000, "math500": 500,
@@ -15,24 +19,57 @@ COUNTS = {
     "mawps-singleeq": 508, "mawps-singleop": 562, "minerva_math": 272, "mmlu_stem": 3018,
     "olympiadbench": 675, "sat_math": 32, "svamp": 1000,
 }
+# Fixtures: the first 3 rows of each file; 8 of GSM8K; gaokao2023en rows 0, 1 and 167.
+FIXTURE_COUNTS = {name: 8 if name == "gsm8k" else 3 for name in COUNTS}
+
+
+@pytest.fixture
+def fixtures(monkeypatch):
+    monkeypatch.setenv("TIRFORGE_DATA", str(FIXTURES))
+
+
+@pytest.fixture
+def full(monkeypatch):
+    monkeypatch.setenv("TIRFORGE_DATA", str(full_data()))
+
+
+@pytest.fixture
+def no_local_copy(monkeypatch, tmp_path):
+    """A clone with no data folder: empty TIRFORGE_DATA, no ../shared, an empty cache."""
+    monkeypatch.setenv("TIRFORGE_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(D, "shared_data", lambda: tmp_path / "no-shared")
+    monkeypatch.setenv("TIRFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path
 
 
 def test_every_registered_dataset_is_counted():
     assert set(COUNTS) == set(DATASETS)
 
 
-@pytest.mark.parametrize("name", sorted(COUNTS))
-def test_loader(name):
+def _check(name: str, n: int, missing_expected: list[str]) -> None:
     probs = load_dataset(name)
-    assert len(probs) == COUNTS[name]
+    assert len(probs) == n
     assert all(p.problem.strip() for p in probs)
     assert len({p.id for p in probs}) == len(probs)
-    missing = [p.id for p in probs if not p.reference]
+    assert [p.id for p in probs if not p.reference] == missing_expected
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_loader_on_fixtures(name, fixtures):
+    # gaokao2023en's third fixture row is one of its two HMMT items with an empty answer.
+    _check(name, FIXTURE_COUNTS[name], ["gaokao2023en/2"] if name == "gaokao2023en" else [])
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_loader_on_full_files(name, full):
     # gaokao2023en ships two HMMT items with an empty answer; every other set is fully labelled.
-    assert missing == (["gaokao2023en/167", "gaokao2023en/192"] if name == "gaokao2023en" else [])
+    _check(name, COUNTS[name],
+           ["gaokao2023en/167", "gaokao2023en/192"] if name == "gaokao2023en" else [])
 
 
-def test_field_mappings_read_the_right_answers():
+@pytest.mark.parametrize("where", ["fixtures", "full"])
+def test_field_mappings_read_the_right_answers(where, request):
+    request.getfixturevalue(where)  # fixture rows are the full files' first rows
     gsm = load_dataset("gsm8k", limit=1)[0]
     assert gsm.reference == "18" and gsm.problem.startswith("Janet")
     assert load_dataset("math", limit=1)[0].reference == "2"  # from the solution's \boxed{}
@@ -84,4 +121,3 @@ def test_malformed_rows_name_file_and_line(tmp_path):
 def test_unknown_name_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a known dataset"):
         load_dataset("no-such-set")
-    assert (data_root() / "gsm8k" / "test.jsonl").exists()

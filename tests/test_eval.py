@@ -1,4 +1,4 @@
-"""`tirforge eval` end to end on a 5-problem slice (replay backend, real kernels, real data)."""
+"""`tirforge eval` end to end on a 5-problem slice (replay backend, real kernels, GSM8K rows)."""
 
 import json
 
@@ -9,7 +9,15 @@ from tirforge.agent.pipelines.evaluate import choice_letter, is_correct
 from tirforge.apps.cli import app
 from tirforge.trajectories.schema import Trajectory
 
+from .data_files import FIXTURES
+
 pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(autouse=True)
+def _gsm8k_fixture(monkeypatch):
+    """GSM8K's first test rows, committed under tests/fixtures: no data folder needed."""
+    monkeypatch.setenv("TIRFORGE_DATA", str(FIXTURES))
 
 
 def test_choice_letters():

@@ -8,9 +8,16 @@ from typer.testing import CliRunner
 
 from tirforge.apps.cli import app
 
+from .data_files import FIXTURES
 from .training_utils import tiny_model_dir
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True)
+def _gsm8k_fixture(monkeypatch):
+    """GSM8K's first test rows, committed under tests/fixtures: no data folder needed."""
+    monkeypatch.setenv("TIRFORGE_DATA", str(FIXTURES))
 
 
 def shard_lines(root) -> dict[str, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
@@ -19,16 +18,17 @@ from tirforge.trajectories.grading import (
     reference_answer,
 )
 
-# The repo is /work/main, the shared data /work/shared/data.
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .data_files import FIXTURES, full_data
 
 
-def _read_jsonl(relative: str) -> list[dict]:
-    path = DATA_DIR / relative
-    if not path.is_file():
-        pytest.fail(f"dataset file {path} is missing: the shared data folder must be present")
+def _read_jsonl(relative: str, where: str) -> list[dict]:
+    """Rows of a benchmark file: the committed fixture (first rows) or the full file."""
+    path = (FIXTURES if where == "fixtures" else full_data()) / relative
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+WHERE = pytest.mark.parametrize("where", ["fixtures", "full"])
 
 
 # --------------------------------------------------------------------------- answers_equal
@@ -232,9 +232,10 @@ def test_verdict_is_a_string() -> None:
 # --------------------------------------------------------------------------- datasets
 
 
-def test_math500_gold_solutions_grade_correct() -> None:
-    records = _read_jsonl("math500/test.jsonl")
-    assert len(records) == 500
+@WHERE
+def test_math500_gold_solutions_grade_correct(where: str) -> None:
+    records = _read_jsonl("math500/test.jsonl", where)
+    assert len(records) == {"fixtures": 3, "full": 500}[where]
     failures = [
         (r["unique_id"], extract_answer(r["solution"]), r["answer"])
         for r in records
@@ -244,9 +245,10 @@ def test_math500_gold_solutions_grade_correct() -> None:
     assert rate >= 0.98, f"self-grading rate {rate:.3f}; failures: {failures}"
 
 
-def test_gsm8k_references_are_numbers() -> None:
-    records = _read_jsonl("gsm8k/test.jsonl")
-    assert len(records) == 1319
+@WHERE
+def test_gsm8k_references_are_numbers(where: str) -> None:
+    records = _read_jsonl("gsm8k/test.jsonl", where)
+    assert len(records) == {"fixtures": 8, "full": 1319}[where]
     bad = []
     for r in records:
         ref = reference_answer(r["answer"])
@@ -257,9 +259,11 @@ def test_gsm8k_references_are_numbers() -> None:
     assert not bad, f"GSM8K references that are not numbers: {bad[:10]}"
 
 
-def test_agrees_with_qwen_grader_on_real_responses() -> None:
+@WHERE
+def test_agrees_with_qwen_grader_on_real_responses(where: str) -> None:
     # 100 MATH problems x 8 Qwen2.5-Math responses, each with the Qwen evaluation grader's verdict.
-    records = _read_jsonl("qwen25_math_eval/eval_rm_maj_example/math_cot_100.jsonl")
+    records = _read_jsonl("qwen25_math_eval/eval_rm_maj_example/math_cot_100.jsonl", where)
+    assert len(records) == {"fixtures": 2, "full": 100}[where]
     disagreements = []
     total = 0
     for r in records:

@@ -9,14 +9,17 @@ import time
 import pytest
 
 from tirforge.trajectories import grading
-from tirforge.trajectories.datasets import data_root
 from tirforge.trajectories.grading import Verdict, extract_answer, grade, reference_answer
+
+from .data_files import FIXTURES, full_data
 
 KINDS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
 
-def test_agrees_with_openai_gsm8k_labels() -> None:
-    path = data_root() / "gsm8k" / "example_model_solutions.jsonl"
+@pytest.mark.parametrize("where", ["fixtures", "full"])
+def test_agrees_with_openai_gsm8k_labels(where: str) -> None:
+    root = FIXTURES if where == "fixtures" else full_data()
+    path = root / "gsm8k" / "example_model_solutions.jsonl"
     rows = [json.loads(line) for line in path.open()]
     disagree, n = [], 0
     for i, r in enumerate(rows):
@@ -27,7 +30,7 @@ def test_agrees_with_openai_gsm8k_labels() -> None:
             ours = grade(r[k]["solution"], ref) == Verdict.correct
             if ours != r[k]["is_correct"]:
                 disagree.append((i, k))
-    assert n == 5276
+    assert n == {"fixtures": 3 * 4, "full": 5276}[where]
     assert disagree == []  # every disagreement would be a grader bug: each was looked at
 
 

@@ -17,6 +17,7 @@ from tirforge.agent.pipelines.loop_report import bootstrap_ci
 from tirforge.agent.pipelines.loop_train import complete_model
 from tirforge.trajectories.datasets import Problem
 
+from .data_files import full_data
 from .training_utils import tiny_model_dir
 
 pytestmark = pytest.mark.timeout(300)
@@ -260,18 +261,23 @@ def test_bootstrap_ci_on_known_data():
     assert low < low90 < high90 < high
 
 
-def test_shipped_configs_load_and_their_splits_are_disjoint():
+def test_shipped_configs_load():
     for name in ("loop-cpu.yaml", "loop-gpu.yaml"):
         cfg = LoopConfig.from_yaml(CONFIGS / name)
         assert cfg.rounds >= 1
     cpu = LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml")
     assert cpu.backend == "transformers" and cpu.model == "smollm2"
-    train, held = load_splits(cpu)  # the real MAWPS rows: raises on any overlap
-    assert len(train) == cpu.train_limit and len(held) == cpu.eval_limit
     gpu = LoopConfig.from_yaml(CONFIGS / "loop-gpu.yaml")
     assert gpu.backend == "vllm" and Path(gpu.sft_accelerate_config).exists()
     with pytest.raises(ValueError, match="unknown LoopConfig fields"):
         LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml", nope=1)
+
+
+def test_shipped_cpu_config_splits_are_disjoint(monkeypatch):
+    monkeypatch.setenv("TIRFORGE_DATA", str(full_data()))  # the config slices the full MAWPS set
+    cpu = LoopConfig.from_yaml(CONFIGS / "loop-cpu.yaml")
+    train, held = load_splits(cpu)  # the real MAWPS rows: raises on any overlap
+    assert len(train) == cpu.train_limit and len(held) == cpu.eval_limit
 
 
 def test_overlap_between_train_and_eval_is_refused(tmp_path):

@@ -111,7 +111,8 @@ class TrainConfig:
     chat_template: str | None = None
     """Path to a Jinja chat template replacing the tokenizer's (None: keep the tokenizer's)."""
     max_length: int = 2048
-    """Tokens per example; longer examples are cut from the right."""
+    """Tokens per example; longer ones are cut from the right (SFT) or keep the prompt head and
+    the end (RM, DPO: ``training.truncation``)."""
     learning_rate: float = 1e-5
     """Peak learning rate."""
     num_train_epochs: float = 1.0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tirforge.trajectories.messages import SegmentedMessage, segments_from_messages, to_segments
 from tirforge.trajectories.schema import Trajectory, read_jsonl
+
+log = logging.getLogger("tirforge.training")
 
 Record = Trajectory | list[dict]
 """A trajectory, or plain chat messages from a dataset's ``messages`` column."""
@@ -77,3 +81,52 @@ def require_trajectories(records: list[Record], what: str) -> list[Trajectory]:
     if len(trajs) != len(records):
         raise ValueError(f"{what} needs graded Trajectory records (verdict), not plain messages")
     return trajs
+
+
+def problem_name(t: Trajectory) -> str:
+    """A trajectory's problem in reports: its id, else the start of its text (quoted)."""
+    return repr(t.problem_id or t.problem[:40])
+
+
+def pair_name(chosen: Trajectory, rejected: Trajectory) -> str:
+    """How a (correct, incorrect) pair is named in reports: problem and both trajectory ids."""
+    return f"{problem_name(chosen)}: {chosen.id} vs {rejected.id}"
+
+
+@dataclass
+class FitReport:
+    """What fitting a trainer's examples into ``max_length`` did; logged once before training.
+
+    ``truncated`` counts sequences cut by ``training.truncation.keep_end``; ``identical`` names
+    examples dropped because their sides became the same tokens with opposite labels (no
+    preference left to learn); ``skipped`` names bad examples with the reason (never fatal)."""
+
+    what: str
+    """The examples, e.g. "DPO pairs"."""
+    max_length: int | None
+    kept: int = 0
+    sequences: int = 0
+    truncated: int = 0
+    identical: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def line(self, show: int = 20) -> str:
+        """One line: counts, then the dropped and skipped examples by name (first ``show``)."""
+
+        def names(items: list[str]) -> str:
+            more = f"; +{len(items) - show} more" if len(items) > show else ""
+            return "; ".join(items[:show]) + more
+
+        out = (f"{self.what}: {self.kept} kept; {self.truncated} of {self.sequences} sequences "
+               f"longer than max_length={self.max_length} truncated (prompt head + end kept)")
+        if self.identical:
+            out += (f"; {len(self.identical)} dropped, identical after truncation: "
+                    f"[{names(self.identical)}]")
+        if self.skipped:
+            out += f"; {len(self.skipped)} skipped: [{names(self.skipped)}]"
+        return out
+
+    def log(self) -> None:
+        """A warning when anything was cut, dropped or skipped; info otherwise."""
+        noteworthy = self.truncated or self.identical or self.skipped
+        log.log(logging.WARNING if noteworthy else logging.INFO, self.line())

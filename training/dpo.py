@@ -1,7 +1,8 @@
 """Offline DPO on (correct, incorrect) trajectory pairs of the same problem, on TRL's DPOTrainer.
 
-Each side is tokenised by ``training.masking``; the prompt is everything before the first
-model-written token. TRL's collator marks every completion token as scored; ours narrows that
+Each side is tokenised by ``training.masking`` and fitted into ``max_length`` keeping the prompt
+head and the end (``training.truncation``); the prompt is everything before the first
+model-written character. TRL's collator marks every completion token as scored; ours narrows that
 ``completion_mask`` to the model-written tokens, so executor outputs and feedback inside a
 completion count neither in the policy's nor in the reference's log-probabilities.
 """
@@ -12,8 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tirforge.training.config import TrainConfig, load_tokenizer, train_and_save
-from tirforge.training.data import load_records, preference_pairs, require_trajectories
-from tirforge.training.masking import IGNORE_INDEX, split_prompt, tokenize_trajectory
+from tirforge.training.data import (
+    FitReport,
+    load_records,
+    pair_name,
+    preference_pairs,
+    require_trajectories,
+)
+from tirforge.training.masking import IGNORE_INDEX, fit_trajectory
 
 
 @dataclass
@@ -31,33 +38,51 @@ class DPOTrainConfig(TrainConfig):
 
 
 def pair_example(chosen, rejected, tokenizer, cfg: TrainConfig) -> dict[str, list[int]]:
-    """prompt_ids, chosen/rejected ids and their model-written masks (1 = scored)."""
+    """prompt_ids, chosen/rejected ids and their model-written masks (1 = scored), plus
+    ``truncated`` (sides cut). Each side is fitted into ``cfg.max_length`` keeping the prompt
+    head and its end (``training.truncation``), so the final answers are always compared.
+
+    Raises ``ValueError`` when the prompts differ or a side keeps no model-written token."""
     kw: dict[str, Any] = {"style": cfg.style, "max_length": cfg.max_length}
-    p_c, c = split_prompt(tokenize_trajectory(chosen, tokenizer, **kw))
-    p_r, r = split_prompt(tokenize_trajectory(rejected, tokenizer, **kw))
+    fc, fr = fit_trajectory(chosen, tokenizer, **kw), fit_trajectory(rejected, tokenizer, **kw)
+    p_c, p_r = fc.input_ids[: fc.prompt_length], fr.input_ids[: fr.prompt_length]
     if p_c != p_r:
-        raise ValueError(f"trajectories {chosen.id} and {rejected.id} have different prompts")
-    return {
-        "prompt_ids": p_c,
-        "chosen_ids": c["input_ids"],
-        "rejected_ids": r["input_ids"],
-        "chosen_mask": [int(lab != IGNORE_INDEX) for lab in c["labels"]],
-        "rejected_mask": [int(lab != IGNORE_INDEX) for lab in r["labels"]],
-    }
+        raise ValueError("different prompts")
+    out: dict[str, Any] = {"prompt_ids": p_c, "truncated": int(fc.cut > 0) + int(fr.cut > 0)}
+    for side, f in (("chosen", fc), ("rejected", fr)):
+        mask = [int(lab != IGNORE_INDEX) for lab in f.labels[f.prompt_length:]]
+        if not any(mask):
+            raise ValueError(f"{side} has no trainable token within max_length={cfg.max_length}")
+        out[f"{side}_ids"], out[f"{side}_mask"] = f.input_ids[f.prompt_length:], mask
+    return out
 
 
 def build_dataset(cfg: DPOTrainConfig, tokenizer):
+    """Tokenised pairs; bad pairs are skipped and pairs whose sides are the same tokens after
+    truncation dropped, both named in one logged line (``FitReport``) before training."""
     from datasets import Dataset
 
     trajs = require_trajectories(load_records(cfg.train_file), "DPO")
     pairs = preference_pairs(trajs, cfg.max_pairs_per_problem, cfg.seed)
     if not pairs:
         raise ValueError(f"{cfg.train_file}: no problem has both a correct and an incorrect sample")
-    rows = [pair_example(g, b, tokenizer, cfg) for g, b in pairs]
-    # A pair whose prompt fills max_length has nothing left to score.
-    rows = [r for r in rows if any(r["chosen_mask"]) and any(r["rejected_mask"])]
+    report, rows = FitReport("DPO pairs", cfg.max_length), []
+    for g, b in pairs:
+        try:
+            row = pair_example(g, b, tokenizer, cfg)
+        except ValueError as e:
+            report.skipped.append(f"{pair_name(g, b)} ({e})")
+            continue
+        report.sequences += 2
+        report.truncated += row.pop("truncated")
+        if row["chosen_ids"] == row["rejected_ids"]:
+            report.identical.append(pair_name(g, b))
+            continue
+        rows.append(row)
+    report.kept = len(rows)
+    report.log()
     if not rows:
-        raise ValueError(f"no pair keeps a scored token within max_length={cfg.max_length}")
+        raise ValueError(f"no usable pair within max_length={cfg.max_length}: {report.line()}")
     return Dataset.from_list(rows)
 
 
@@ -74,7 +99,7 @@ def _classes():
             out = super().torch_call(examples)
             masks = [[0] * len(e["prompt_ids"]) + e["chosen_mask"] for e in examples]
             masks += [[0] * len(e["prompt_ids"]) + e["rejected_mask"] for e in examples]
-            if self.max_length is not None:  # keep_start, as the dataset was cut by masking
+            if self.max_length is not None:  # a no-op: build_dataset fitted every row already
                 masks = [m[: self.max_length] for m in masks]
             mask = pad([torch.tensor(m) for m in masks], padding_value=0, padding_side="right",
                        pad_to_multiple_of=self.pad_to_multiple_of)

@@ -16,7 +16,9 @@ How, exactly:
    executor text (e.g. a closing fence "```" merging with the "\\n" that starts an output block):
    the model's tokens end where its generation ended, as at inference. Without it the whole text
    is tokenised once and a straddling token is masked (no executor text can leak into labels).
-4. Truncate to ``max_length`` from the right.
+4. Truncate to ``max_length``: ``tokenize_*`` from the right (SFT); ``fit_trajectory`` keeps the
+   prompt head and the end (``training.truncation``: reward models and preference pairs, whose
+   label is about the final answer).
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tirforge.training.truncation import IGNORE_INDEX, Fitted, keep_end, marker_ids
 from tirforge.trajectories.messages import SegmentedMessage, Style, to_segments
 from tirforge.trajectories.schema import Trajectory
 
-IGNORE_INDEX = -100
+__all__ = [
+    "IGNORE_INDEX", "Rendered", "fit_trajectory", "render", "split_prompt", "tokenize_rendered",
+    "tokenize_trajectory",
+]
 _PLACEHOLDER = "\u27e6tirforge-msg-{}\u27e7"
 
 
@@ -116,13 +122,11 @@ def _tokenize(tokenizer, text: str, start: int) -> tuple[list[int], list[tuple[i
     return enc["input_ids"], [(a + start, b + start) for a, b in enc["offset_mapping"]]
 
 
-def tokenize_rendered(
-    rendered: Rendered,
-    tokenizer,
-    max_length: int | None = None,
-    split_at_boundaries: bool = True,
-) -> dict[str, list[int]]:
-    """Token ids, attention mask and labels (-100 where not model-written) of a rendered chat."""
+def encode_rendered(
+    rendered: Rendered, tokenizer, split_at_boundaries: bool = True
+) -> tuple[list[int], list[int], int]:
+    """(token ids, labels, prompt tokens) of a whole rendered chat, uncut. The prompt tokens are
+    those that end at or before ``rendered.prompt_end``."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("masking needs a fast tokenizer (offset mappings)")
     text, cmask = rendered.text, _char_mask(len(rendered.text), rendered.spans)
@@ -140,6 +144,19 @@ def tokenize_rendered(
         tid if e > s and all(cmask[s:e]) else IGNORE_INDEX
         for tid, (s, e) in zip(ids, offsets, strict=True)
     ]
+    n_prompt = sum(1 for _, e in offsets if e <= rendered.prompt_end)
+    return ids, labels, n_prompt
+
+
+def tokenize_rendered(
+    rendered: Rendered,
+    tokenizer,
+    max_length: int | None = None,
+    split_at_boundaries: bool = True,
+) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels (-100 where not model-written) of a rendered chat,
+    cut from the right to ``max_length``."""
+    ids, labels, _ = encode_rendered(rendered, tokenizer, split_at_boundaries)
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
@@ -157,6 +174,22 @@ def tokenize_trajectory(
     """Tokenise ``traj`` with its chat template; labels are -100 except on model-written tokens."""
     rendered = render(to_segments(traj, style), tokenizer, chat_template, train_end_of_turn)
     return tokenize_rendered(rendered, tokenizer, max_length, split_at_boundaries)
+
+
+def fit_trajectory(
+    traj: Trajectory,
+    tokenizer,
+    style: Style = "fenced",
+    max_length: int | None = None,
+    split_at_boundaries: bool = True,
+    chat_template: str | None = None,
+) -> Fitted:
+    """Tokenise ``traj`` like ``tokenize_trajectory`` but fit it into ``max_length`` by keeping the
+    prompt head and the end (``training.truncation.keep_end``); ``Fitted.cut`` says how many
+    tokens were removed."""
+    rendered = render(to_segments(traj, style), tokenizer, chat_template)
+    ids, labels, n_prompt = encode_rendered(rendered, tokenizer, split_at_boundaries)
+    return keep_end(ids, labels, n_prompt, max_length, marker_ids(tokenizer))
 
 
 def split_prompt(example: dict[str, list[int]]) -> tuple[list[int], dict[str, list[int]]]:

@@ -13,11 +13,17 @@ Two losses over trajectories of the same problem (``r`` = the model's score of a
   ``-log σ(r_i - r_j)`` over all (correct i, incorrect j) of the group.
 
 ``RewardScorer.score(trajectories) -> list[float]`` applies a trained model; ``tirforge score``
-writes the scores into a trajectory file.
+writes the scores into a trajectory file, and step search scores partial trajectories with it.
+
+Training and scoring read a trajectory the same way (``encode``): longer than ``max_length``, it
+keeps the prompt head and the end, final answer included (``training.truncation``). Training
+examples whose correct and incorrect sides become the same tokens are dropped; the counts are
+logged once before training (``training.data.FitReport``).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -26,10 +32,19 @@ import torch
 from torch import nn
 
 from tirforge.training.config import TrainConfig, load_tokenizer, train_and_save
-from tirforge.training.data import by_problem, load_records, preference_pairs, require_trajectories
-from tirforge.training.masking import render
-from tirforge.trajectories.messages import to_segments
+from tirforge.training.data import (
+    FitReport,
+    by_problem,
+    load_records,
+    pair_name,
+    preference_pairs,
+    problem_name,
+    require_trajectories,
+)
+from tirforge.training.masking import fit_trajectory
 from tirforge.trajectories.schema import Trajectory
+
+log = logging.getLogger("tirforge.training")
 
 
 @dataclass
@@ -49,10 +64,18 @@ class RMTrainConfig(TrainConfig):
     _peft_task = "SEQ_CLS"
 
 
+def encode_fit(traj: Trajectory, tokenizer, style: str, max_length: int) -> tuple[list[int], int]:
+    """(token ids, tokens cut) of a whole trajectory as the RM reads it, in training and scoring
+    alike: the chat rendered and tokenised in one piece, then fitted into ``max_length`` keeping
+    the prompt head and the end (``training.truncation.keep_end``)."""
+    f = fit_trajectory(traj, tokenizer, style, max_length,  # type: ignore[arg-type]
+                       split_at_boundaries=False)
+    return f.input_ids, f.cut
+
+
 def encode(traj: Trajectory, tokenizer, style: str, max_length: int) -> list[int]:
-    """Token ids of a whole trajectory as the RM reads it (same rendering as training)."""
-    text = render(to_segments(traj, style), tokenizer).text  # type: ignore[arg-type]
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+    """Token ids of ``traj`` as the RM reads it (see ``encode_fit``)."""
+    return encode_fit(traj, tokenizer, style, max_length)[0]
 
 
 def load_rm(path: str, tokenizer=None, dtype: torch.dtype | str = torch.float32):
@@ -88,8 +111,26 @@ def pairwise_dataset(cfg: RMTrainConfig, tokenizer):
     pairs = preference_pairs(trajs, cfg.max_pairs_per_problem, cfg.seed)
     if not pairs:
         raise ValueError(f"{cfg.train_file}: no problem has both a correct and an incorrect sample")
-    enc = lambda t: encode(t, tokenizer, cfg.style, cfg.max_length)  # noqa: E731
-    return Dataset.from_list([{"chosen_ids": enc(g), "rejected_ids": enc(b)} for g, b in pairs])
+    report, rows = FitReport("RM pairs", cfg.max_length), []
+    for g, b in pairs:
+        (ci, c_cut), (ri, r_cut) = (encode_fit(t, tokenizer, cfg.style, cfg.max_length)
+                                    for t in (g, b))
+        report.sequences += 2
+        report.truncated += (c_cut > 0) + (r_cut > 0)
+        if ci == ri:
+            report.identical.append(pair_name(g, b))
+        else:
+            rows.append({"chosen_ids": ci, "rejected_ids": ri})
+    return Dataset.from_list(_reported(report, rows))
+
+
+def _reported(report: FitReport, rows: list[dict]) -> list[dict]:
+    """Log the report once (before training starts); raise when nothing is left."""
+    report.kept = len(rows)
+    report.log()
+    if not rows:
+        raise ValueError(f"no usable example within max_length: {report.line()}")
+    return rows
 
 
 def make_pairwise_trainer(cfg: RMTrainConfig):
@@ -118,10 +159,13 @@ def listwise_loss(scores: torch.Tensor, correct: torch.Tensor, mode: str = "soft
 
 
 def listwise_groups(cfg: RMTrainConfig, tokenizer) -> list[dict]:
-    """One example per problem with both correct and incorrect samples: ids and correctness."""
+    """One example per problem with both correct and incorrect samples: ids and correctness.
+
+    A correct and an incorrect sample that are the same tokens after truncation are both left
+    out of the group; a group left without both kinds is dropped (named in the ``FitReport``)."""
     rng = random.Random(cfg.seed)
     trajs = require_trajectories(load_records(cfg.train_file), "reward-model training")
-    groups = []
+    report, groups = FitReport("RM groups", cfg.max_length), []
     for group in by_problem(trajs).values():
         good = [t for t in group if t.verdict == "correct"]
         bad = [t for t in group if t.verdict != "correct"]
@@ -131,13 +175,24 @@ def listwise_groups(cfg: RMTrainConfig, tokenizer) -> list[dict]:
         rng.shuffle(good), rng.shuffle(bad)
         k = min(len(good), max(1, cfg.max_group_size - len(bad)))
         chosen = (good[:k] + bad)[: max(cfg.max_group_size, 2)]
-        groups.append({
-            "ids": [encode(t, tokenizer, cfg.style, cfg.max_length) for t in chosen],
-            "correct": [t.verdict == "correct" for t in chosen],
-        })
-    if not groups:
+        enc = [encode_fit(t, tokenizer, cfg.style, cfg.max_length) for t in chosen]
+        report.sequences += len(enc)
+        report.truncated += sum(cut > 0 for _, cut in enc)
+        ok = [t.verdict == "correct" for t in chosen]
+        seen: dict[tuple[int, ...], set[bool]] = {}
+        for (ids, _), c in zip(enc, ok, strict=True):
+            seen.setdefault(tuple(ids), set()).add(c)
+        keep = [i for i, (ids, _) in enumerate(enc) if len(seen[tuple(ids)]) == 1]
+        if len(keep) < len(enc):
+            report.identical += [f"{problem_name(t)}: {t.id}" for i, t in enumerate(chosen)
+                                 if i not in keep]
+        if len({ok[i] for i in keep}) < 2:
+            report.skipped.append(f"{problem_name(group[0])}: no correct/incorrect pair left")
+            continue
+        groups.append({"ids": [enc[i][0] for i in keep], "correct": [ok[i] for i in keep]})
+    if not groups and not report.skipped:
         raise ValueError(f"{cfg.train_file}: no problem has both a correct and an incorrect sample")
-    return groups
+    return _reported(report, groups)
 
 
 class GroupCollator:
@@ -240,6 +295,8 @@ class RewardScorer:
         dtype = torch.float32 if str(self.device).startswith("cpu") else "auto"
         self.model = load_rm(path, self.tokenizer, dtype=dtype).to(self.device).eval()
         self.style, self.max_length, self.batch_size = style, max_length, batch_size
+        self.truncated = 0
+        """Trajectories scored so far that were longer than ``max_length`` (head + end kept)."""
 
     @torch.inference_mode()
     def score(self, trajectories: list[Trajectory]) -> list[float]:
@@ -247,7 +304,14 @@ class RewardScorer:
         collate = GroupCollator(self.tokenizer.pad_token_id)
         for i in range(0, len(trajectories), self.batch_size):
             chunk = trajectories[i : i + self.batch_size]
-            ids = [encode(t, self.tokenizer, self.style, self.max_length) for t in chunk]
+            fitted = [encode_fit(t, self.tokenizer, self.style, self.max_length) for t in chunk]
+            ids = [f[0] for f in fitted]
+            cut = sum(f[1] > 0 for f in fitted)
+            if cut:
+                self.truncated += cut
+                log.info("RM scoring: %d of %d trajectories longer than max_length=%d, "
+                         "scored on the prompt head and the end", cut, len(chunk),
+                         self.max_length)
             batch = collate([{"ids": ids, "correct": [False] * len(ids)}])
             logits = self.model(
                 input_ids=batch["input_ids"].to(self.device),

@@ -1,4 +1,15 @@
-"""Problem loaders: every benchmark in ``../shared/data`` plus any JSONL / Parquet / HF folder.
+"""Problem loaders: every named benchmark (``DATASETS``) plus any JSONL / Parquet / HF folder.
+
+A named benchmark is read from the first place that has it (``resolve``):
+
+1. ``$TIRFORGE_DATA/<path>`` (a folder laid out like ``../shared/data``),
+2. ``../shared/data/<path>`` next to the repository,
+3. the local cache: ``<cache>/datasets/<path>`` (a copy you put there) or the rows a previous
+   run downloaded from the Hub (``<cache>`` = ``$TIRFORGE_CACHE`` or the user cache dir),
+4. the Hugging Face Hub (``trajectories.hub``), only with ``allow_network=True``
+   (``--allow-network``) and ``HF_HUB_OFFLINE`` unset; the rows are then cached for step 3.
+
+Nothing found: one ``DatasetNotFoundError`` naming the variable, the folders and the flag.
 
 Each source has its own field names; a ``FieldMap`` says which field holds the problem, which the
 reference answer and how to read that answer (GSM8K ``#### N``, MATH ``\\boxed{}`` in a solution,
@@ -15,9 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tirforge.trajectories import hub
 from tirforge.trajectories.grading import extract_boxed, reference_answer
 
-__all__ = ["DATASETS", "FieldMap", "Problem", "data_root", "load_dataset", "load_file"]
+__all__ = [
+    "DATASETS", "DatasetNotFoundError", "FieldMap", "Problem", "data_root", "load_dataset",
+    "load_file", "resolve",
+]
 
 AnswerFormat = Literal["raw", "gsm8k", "boxed", "choice_index", "list", "unit_paren"]
 
@@ -116,11 +131,67 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def data_root() -> Path:
-    """``$TIRFORGE_DATA`` or ``../shared/data`` next to the repository."""
+    """``$TIRFORGE_DATA`` if set, else ``../shared/data`` next to the repository (it may not
+    exist: a plain clone has no data folder; ``resolve`` looks further)."""
     env = os.environ.get("TIRFORGE_DATA")
     if env:
         return Path(env)
+    return shared_data()
+
+
+def shared_data() -> Path:
+    """``../shared/data`` relative to the repository root."""
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A named benchmark has no local copy and may not (or cannot) be fetched from the Hub."""
+
+
+def _local_candidates(spec: DatasetSpec) -> list[Path]:
+    roots = [Path(e)] if (e := os.environ.get("TIRFORGE_DATA")) else []
+    roots += [shared_data(), hub.cache_root() / "datasets"]
+    return [r / spec.path for r in roots]
+
+
+def resolve(name: str, *, allow_network: bool = False) -> tuple[Path, FieldMap]:
+    """The file a registered benchmark is read from and the field map for that file.
+
+    Order: ``$TIRFORGE_DATA``, ``../shared/data``, the local cache (a copy at
+    ``<cache>/datasets/<path>``, then earlier Hub downloads), then the Hub when ``allow_network``
+    and ``HF_HUB_OFFLINE`` is not set (downloaded once into the cache).
+
+    Raises ``DatasetNotFoundError`` (a ``FileNotFoundError``) naming everywhere it looked, the
+    ``TIRFORGE_DATA`` variable and the ``--allow-network`` flag; for a set that is not on the
+    Hub, it says so and where to get it. ``KeyError`` for an unregistered name.
+    """
+    spec = DATASETS[name]
+    candidates = _local_candidates(spec)
+    for path in candidates:
+        if path.exists():
+            return path, spec.fields
+    src = hub.hub_source(name)
+    if src is not None and src.cache_file().exists():
+        return src.cache_file(), src.fields
+    looked = "\n".join(f"  {p}" for p in [*candidates, *([src.cache_file()] if src else [])])
+    where = (f"{name}: no local copy. Looked in:\n{looked}\n"
+             f"Set TIRFORGE_DATA to a folder holding {spec.path}")
+    if src is None:
+        raise DatasetNotFoundError(
+            f"{where}. {name} has {hub.NOT_ON_HUB.format(name=spec.path.split('/', 1)[-1])}."
+        )
+    if not allow_network or hub.hub_offline():
+        raise DatasetNotFoundError(
+            f"{where}, or pass --allow-network (and unset HF_HUB_OFFLINE) to download it "
+            f"from the Hugging Face Hub: {src.describe()}."
+        )
+    try:
+        return hub.download(src), src.fields
+    except Exception as e:  # datasets raises many kinds (connection, not found, auth)
+        raise DatasetNotFoundError(
+            f"{where}. Downloading {src.describe()} from the Hugging Face Hub failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def _empty(v: Any) -> bool:
@@ -252,12 +323,17 @@ def load_file(
 
 
 def load_dataset(
-    name_or_path: str, fields: FieldMap | None = None, *, limit: int | None = None
+    name_or_path: str, fields: FieldMap | None = None, *, limit: int | None = None,
+    allow_network: bool = False,
 ) -> list[Problem]:
-    """A registered dataset by name (see ``DATASETS``), else a path with ``fields``."""
+    """A registered dataset by name (see ``DATASETS``, found by ``resolve``), else a path with
+    ``fields``. ``allow_network``: a named set with no local copy may come from the Hub.
+
+    Raises ``DatasetNotFoundError`` (see ``resolve``), ``ValueError`` for an unknown name or a
+    malformed row (``file:line``)."""
     if name_or_path in DATASETS and fields is None:
-        spec = DATASETS[name_or_path]
-        return load_file(data_root() / spec.path, spec.fields, name=name_or_path, limit=limit)
+        path, fm = resolve(name_or_path, allow_network=allow_network)
+        return load_file(path, fm, name=name_or_path, limit=limit)
     path = Path(name_or_path)
     if not path.exists():
         known = ", ".join(sorted(DATASETS))

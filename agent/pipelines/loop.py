@@ -86,13 +86,14 @@ def normalize_text(text: str) -> str:
 
 
 def split_problems(
-    dataset: str, start: int, limit: int | None, *, shuffle: bool, seed: int
+    dataset: str, start: int, limit: int | None, *, shuffle: bool, seed: int,
+    allow_network: bool = False,
 ) -> list[Problem]:
     """Rows [start, start + limit) of ``dataset`` after dropping repeated problem texts (MAWPS
     repeats 87) and a seeded shuffle, so two ranges of one dataset never share a problem."""
     seen: set[str] = set()
     problems = []
-    for p in load_dataset(dataset):
+    for p in load_dataset(dataset, allow_network=allow_network):
         key = normalize_text(p.problem)
         if key not in seen:
             seen.add(key)
@@ -118,9 +119,11 @@ def check_disjoint(train: Sequence[Problem], held_out: Sequence[Problem]) -> Non
 def load_splits(cfg: LoopConfig) -> tuple[list[Problem], list[Problem]]:
     """The training and held-out problems, checked disjoint and labelled."""
     train = split_problems(cfg.train_dataset, cfg.train_start, cfg.train_limit,
-                           shuffle=cfg.shuffle, seed=cfg.seed)
+                           shuffle=cfg.shuffle, seed=cfg.seed,
+                           allow_network=cfg.allow_network)
     held = split_problems(cfg.eval_dataset, cfg.eval_start, cfg.eval_limit,
-                          shuffle=cfg.shuffle, seed=cfg.seed)
+                          shuffle=cfg.shuffle, seed=cfg.seed,
+                          allow_network=cfg.allow_network)
     if not train or not held:
         raise ValueError(f"empty split: {len(train)} train, {len(held)} eval problems")
     unlabelled = [p.id for p in [*train, *held] if p.reference is None]
