@@ -41,11 +41,9 @@ def _main() -> None:
 
 
 def _print_step(step, index: int) -> None:
-    from tirforge.agent import format as fmt
+    from tirforge.trajectories.transcript import split_prose
 
-    text = step.text
-    block = fmt.find_code_block(text) if step.code is not None else None
-    prose = text[: fmt._OPEN.search(text).start()] if block else text
+    prose = split_prose(step.text)[0] if step.code is not None else step.text
     if prose.strip():
         console.print(Text(prose.strip()), style="white")
     if step.code is not None:

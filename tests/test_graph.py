@@ -2,8 +2,8 @@
 
 import pytest
 
-from tirforge.agent import format as fmt
 from tirforge.agent.backends.replay import ReplayBackend, ReplayExhausted
+from tirforge.agent.formats import qwen_tir as fmt
 from tirforge.agent.graph import AgentConfig, solve
 from tirforge.executors import LocalKernelExecutor
 from tirforge.trajectories.schema import Trajectory, append_jsonl, read_jsonl
@@ -132,15 +132,6 @@ def test_torn_line_is_reported(tmp_path):
         f.write('{"problem": "torn')
     with pytest.raises(ValueError, match=":2:"):
         read_jsonl(path)
-
-
-def test_parse_code_block_variants():
-    assert fmt.find_code_block("```python\nx=1\n```")[0] == "x=1"
-    assert fmt.find_code_block("```py\nx=1\n```\nmore")[0] == "x=1"
-    assert fmt.find_code_block("```\nnot python\n```") is None
-    assert fmt.find_code_block("```python\nx = '```'\n") is None  # fence inside a string
-    assert fmt.has_open_code_block("text ```python\nx=1")
-    assert not fmt.has_open_code_block("```python\nx=1\n```")
 
 
 # -- formats, budgets, reflect policy, events, checkpoints ------------------------------------
