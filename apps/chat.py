@@ -30,7 +30,14 @@ from typing import Any
 
 from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
 from tirforge.agent.formats import FORMATS
-from tirforge.agent.graph import AgentConfig, solve_stream
+from tirforge.agent.graph import (
+    AgentConfig,
+    compiled_graph,
+    run_config,
+    solve_stream,
+    to_trajectory,
+)
+from tirforge.agent.kernel_state import replay_cells
 from tirforge.agent.strategies import STRATEGIES, ExecutionScorer, Scorer, choose
 from tirforge.apps.chat_render import (
     NO_RM,
@@ -80,22 +87,6 @@ class ChatConfig:
     """Temperature of the samples when the setting is 0 (N greedy samples would be identical)."""
     rm_path: str | None = None
     """Reward model folder (``tirforge train rm``) scoring best-of-n; None: execution heuristics."""
-
-
-def _after(cells: list[str], steps: list[Step]) -> list[str]:
-    """The code a kernel holds the state of once ``steps`` ran after ``cells``: what a fresh
-    kernel replays to reach the same variables. A restart wipes the state; a timed-out cell is
-    left out (replaying it would only time out again)."""
-    out = list(cells)
-    for st in steps:
-        r = st.execution
-        if st.code is None or r is None:
-            continue
-        if r.restarted:
-            out = []
-        elif not r.timed_out:
-            out.append(st.code)
-    return out
 
 
 # --------------------------------------------------------------------------- sessions
@@ -501,7 +492,7 @@ class ChatServer:
                     steps = item["steps"]
                 emit((node, item))
         finally:  # stopped or not, the kernel now holds what these cells did
-            s.kernel_cells = _after(history, steps)
+            s.kernel_cells = replay_cells(steps, before=history)
 
     def _run_sampled(
         self, s: ChatSession, prompt: str, problem: str, cfg: AgentConfig,
@@ -537,7 +528,7 @@ class ChatServer:
                     for code in history:
                         if s.cancel.is_set():
                             raise Cancelled
-                        kernel.run(code, cfg.cell_timeout)
+                        kernel.run(code)
                 seed = cfg.sampling.seed
                 scfg = cfg if seed is None else replace(
                     cfg, sampling=replace(cfg.sampling, seed=seed + i)
@@ -562,7 +553,7 @@ class ChatServer:
             kept = self._settle(s, kernels, chosen)
             if kept:
                 steps = samples[chosen].steps if chosen is not None else first_steps
-                s.kernel_cells = _after(history, steps)
+                s.kernel_cells = replay_cells(steps, before=history)
         assert chosen is not None  # reached only when choose() ran
         s.trajectories.append(samples[chosen])
         s.samples = samples
@@ -623,23 +614,12 @@ class ChatServer:
 
     def replay_thread(self, thread_id: str) -> Trajectory | None:
         """A finished turn saved by the checkpointer (after a page reload), or None."""
-        from tirforge.agent.graph import build_graph, run_config, to_trajectory
-
         cfg = self.agent_config
-        graph = build_graph(_NoModel(), None, cfg, checkpointer=self.checkpointer)
+        graph = compiled_graph("sync", self.checkpointer)
         values = graph.get_state(run_config(cfg, thread_id=thread_id)).values
         if not values or not values.get("stop_reason"):
             return None
         return to_trajectory(values, cfg, model_name=self.model_name)
-
-
-class _NoModel:
-    """Stands in for the model when only reading saved threads (never called)."""
-
-    name = "none"
-
-    def generate(self, requests, params):  # pragma: no cover - never reached
-        raise RuntimeError("reading a saved thread must not generate")
 
 
 def _sqlite_checkpointer(path: str):

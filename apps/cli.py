@@ -376,7 +376,7 @@ def chat(
     server = ChatServer(
         load,
         ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout),
-        AgentConfig(format=format, max_turns=max_turns, cell_timeout=timeout,
+        AgentConfig(format=format, max_turns=max_turns,
                     sampling=SamplingParams(max_new_tokens=max_new_tokens)),
         ChatConfig(host=host, port=port, max_sessions=max_sessions,
                    db_path=str(db) if db else None, examples=benchmark_examples(data_dir),

@@ -24,7 +24,7 @@ def make_server(tmp_path: Path, **kw) -> ChatServer:
     server = ChatServer(
         ScriptedBackend,
         ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
-        AgentConfig(max_turns=4, cell_timeout=60),
+        AgentConfig(max_turns=4),
         ChatConfig(max_sessions=2, db_path=str(tmp_path / "threads.sqlite"), max_samples=3),
         model_name="scripted",
         **kw,
