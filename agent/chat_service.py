@@ -1,15 +1,12 @@
 """The chat service: a model, two kernel pools, a checkpointer and one ``ChatSession`` per person.
 
-Each session leases its own kernel from a ``KernelPool`` (variables persist across follow-up
-questions but never leak between sessions) and gives it back on ``release``, or after
-``idle_timeout_s``. Every question runs the agent graph with LangGraph's SQLite checkpointer
-under a thread id, so a finished turn can be read back (``replay_thread``) after a reload.
-
-Besides greedy, a question can be sampled N times and one sample chosen (``agent.strategies``):
-majority vote, best-of-n by a scorer, or score-weighted majority. Each sample runs on its own
-kernel (the extras from a second pool, after replaying the conversation's cells); the chosen
-sample's kernel becomes the session's, so follow-up questions see exactly the variables of the
-answer shown. ``ChatService.ask`` yields a question's events; ``apps.chat`` renders them.
+Each session leases its own kernel (variables persist across follow-up questions but never leak
+between sessions) until ``release`` or ``idle_timeout_s``. Every question runs the agent graph
+with LangGraph's SQLite checkpointer, so a finished turn can be read back (``replay_thread``).
+Besides greedy, a question can be sampled N times and one sample chosen (``agent.strategies``);
+each sample runs on its own kernel (the extras from a second pool, after replaying the
+conversation's cells) and the chosen sample's kernel becomes the session's, so follow-ups see
+the variables of the answer shown. ``ChatService.ask`` yields events; ``apps.chat`` renders them.
 """
 
 from __future__ import annotations
@@ -473,11 +470,7 @@ class ChatService:
     def export(self, key: str) -> str | None:
         """The session's trajectories as a JSONL file (the collection schema); its path."""
         s = self.sessions.get(key)
-        if s is None or not s.trajectories:
-            return None
-        path = Path(tempfile.mkdtemp(prefix="tirforge-export-")) / "conversation.jsonl"
-        path.write_text("".join(t.model_dump_json() + "\n" for t in s.trajectories))
-        return str(path)
+        return None if s is None else s.export()
 
     def replay_thread(self, thread_id: str) -> Trajectory | None:
         """A finished turn saved by the checkpointer (after a page reload), or None."""

@@ -7,9 +7,11 @@ variables.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
@@ -58,6 +60,15 @@ class ChatSession:
     """All samples of the last sampled question."""
     thread_id: str | None = None
     """Checkpointer thread of the last question's shown (chosen) trajectory."""
+
+    def export(self) -> str | None:
+        """The conversation's trajectories as a JSONL file (the collection schema): its path,
+        or None before the first answer."""
+        if not self.trajectories:
+            return None
+        path = Path(tempfile.mkdtemp(prefix="tirforge-export-")) / "conversation.jsonl"
+        path.write_text("".join(t.model_dump_json() + "\n" for t in self.trajectories))
+        return str(path)
 
 
 def with_context(history: list[Trajectory], problem: str) -> str:

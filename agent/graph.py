@@ -46,7 +46,6 @@ from tirforge.agent.state import (
     AgentEvent,
     AgentState,
     AsyncGenerateFn,
-    CodeRunner,
     Event,
     EventKind,
     GenerateFn,
@@ -57,7 +56,7 @@ from tirforge.trajectories.grading import grade
 from tirforge.trajectories.schema import Trajectory
 
 __all__ = [
-    "AgentConfig", "AgentEvent", "AgentState", "AsyncGenerateFn", "CodeRunner", "Event",
+    "AgentConfig", "AgentEvent", "AgentState", "AsyncGenerateFn", "Event",
     "EventKind", "GenerateFn", "RunContext", "compiled_graph", "decompose_request",
     "generate_request", "initial_state", "run_config", "solve", "solve_stream", "to_trajectory",
 ]

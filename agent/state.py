@@ -19,9 +19,6 @@ Event = Literal[
     "empty_output",
 ]
 EventKind = Literal["step_started", "token", "code", "output", "reflection", "answer"]
-CodeRunner = Executor
-"""Deprecated alias: the graph runs cells on any ``tirforge.executors.Executor`` (it only calls
-``run(code)``, so the kernel's own ``ExecutorConfig.timeout`` bounds every cell)."""
 
 
 class AgentEvent(TypedDict):

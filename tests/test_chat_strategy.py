@@ -190,3 +190,28 @@ def test_summary_when_nobody_answers():
     msg = samples_summary(samples, 0, "majority")
     assert msg["metadata"]["title"].endswith("no sample answered, so the first is shown")
     assert msg["content"].count("| — |") >= 2 and "**picked**" in msg["content"]
+
+
+def test_the_service_streams_events_and_never_compiles(server, monkeypatch):
+    """``ChatService.ask`` (the library under the page) yields the run's events; whatever the
+    settings, every question runs the one compiled graph of the process."""
+    from langgraph.graph import StateGraph
+
+    from tirforge.agent.graph import compiled_graph
+
+    compiled_graph("sync")  # the process's one compile (an earlier test may have done it)
+    compiles: list[int] = []
+    original = StateGraph.compile
+    monkeypatch.setattr(StateGraph, "compile",
+                        lambda self, *a, **kw: compiles.append(1) or original(self, *a, **kw))
+    for i, (fmt, temp) in enumerate([("qwen-tir", 0.0), ("dotamath", 0.9), ("qwen-cot", 0.4)]):
+        server._backend.starts.clear()  # type: ignore[union-attr]
+        events = list(server.ask("svc", "What are the squares?", fmt=fmt, temperature=temp,
+                                 thread_id=f"svc-{i}-{time.monotonic()}"))
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "start" and events[0][1] == (1, "")
+        assert "trajectory" in kinds and "event" in kinds and kinds[-1] == "trajectory"
+        traj = events[-1][1]
+        assert traj.format == fmt and traj.sampling["temperature"] == temp
+    assert compiles == []
+    assert not server.sessions["svc"].busy
