@@ -215,3 +215,30 @@ def test_the_service_streams_events_and_never_compiles(server, monkeypatch):
         assert traj.format == fmt and traj.sampling["temperature"] == temp
     assert compiles == []
     assert not server.sessions["svc"].busy
+
+
+def test_loading_then_a_load_error_is_shown_not_raised(tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    def broken_model():
+        release.wait(30)
+        raise OSError("no weights in /nowhere")
+
+    server = ChatServer(broken_model, ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
+                        AgentConfig(max_turns=2),
+                        ChatConfig(max_sessions=1, db_path=str(tmp_path / "t.sqlite")))
+    try:
+        yields = server.respond("k", "What is 1 + 1?")
+        first = next(yields)
+        assert first[0] == {"role": "user", "content": "What is 1 + 1?"}
+        assert "Model still loading" in first[1]["content"]
+        release.set()
+        last = list(yields)[-1]
+        assert last[-1]["content"] == (
+            "**Error:** the model could not be loaded: OSError: no weights in /nowhere")
+        assert server.load_error and not server.sessions["k"].busy
+    finally:
+        release.set()
+        server.close()
