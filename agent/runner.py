@@ -173,6 +173,7 @@ async def arun_many(
     the others carry on, and failures come back as exceptions in the list.
     """
     cfg, rcfg = config or AgentConfig(), runner or RunnerConfig()
+    cfg.decomposes  # noqa: B018 - a config error stops the run before any job starts
     tools = cfg.fmt.uses_tools
     if tools and pool is None:
         raise ValueError(f"format {cfg.format!r} runs code: give a KernelPool")
