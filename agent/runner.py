@@ -1,6 +1,7 @@
 """Many trajectories at once: one event loop, one micro-batched backend, a pool of kernels.
 
-Every trajectory is an instance of the same compiled graph (``build_async_graph``). When its
+Every trajectory is a run of the same compiled graph (``compiled_graph("async")``), its model
+call, kernel, seed and tag in its ``RunContext``. When its
 ``generate`` node runs it puts a request on the ``MicroBatcher`` queue and waits; the batcher sends
 whatever is queued to the backend as one batch, as soon as every trajectory that could still add
 to it is waiting (or ``max_wait_ms`` has passed). Kernel cells run in worker threads meanwhile, so
@@ -20,8 +21,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tirforge.agent.backends.base import Backend, Completion, Request, SamplingParams
-from tirforge.agent.graph import AgentConfig, async_graph, initial_state, run_config
+from tirforge.agent.graph import (
+    AgentConfig,
+    RunContext,
+    compiled_graph,
+    initial_state,
+    run_config,
+)
 from tirforge.agent.graph import to_trajectory as _to_trajectory
+from tirforge.executors.base import AsyncExecutor
 from tirforge.executors.pool import KernelPool
 from tirforge.trajectories.datasets import Problem as DatasetProblem
 from tirforge.trajectories.schema import Trajectory
@@ -165,6 +173,7 @@ async def arun_many(
     the others carry on, and failures come back as exceptions in the list.
     """
     cfg, rcfg = config or AgentConfig(), runner or RunnerConfig()
+    cfg.decomposes  # noqa: B018 - a config error stops the run before any job starts
     tools = cfg.fmt.uses_tools
     if tools and pool is None:
         raise ValueError(f"format {cfg.format!r} runs code: give a KernelPool")
@@ -177,13 +186,9 @@ async def arun_many(
     batcher = MicroBatcher(backend, rcfg, lambda: state["live"])
     cells = ThreadPoolExecutor(max(1, width), thread_name_prefix="cell")
 
-    async def arun(kernel: Any, code: str, timeout: float):
-        return await asyncio.get_running_loop().run_in_executor(cells, kernel.run, code, timeout)
-
-    # One compiled graph for every trajectory (and run): the model call, cell runner, seed
-    # and tag are per-run config values.
-    graph = async_graph(cfg)
-    runtime = {"agenerate": batcher.generate, "arun": arun}
+    # One compiled graph for every trajectory (and run): the config, model call, kernel, seed
+    # and tag are its runtime context.
+    graph = compiled_graph("async")
     gate = asyncio.Semaphore(max(1, width))
     name = model_name or getattr(backend, "name", "")
     base_seed = cfg.sampling.seed
@@ -203,16 +208,16 @@ async def arun_many(
             state["live"] += 1
             t0 = time.perf_counter()
             try:
+                ctx = RunContext(agent=c, agenerate=batcher.generate, seed=seed, tag=tag)
                 if tools:
                     assert pool is not None
                     async with pool.akernel() as kernel:
-                        rc = run_config(c, kernel, seed=seed, tag=tag)
-                        rc["configurable"].update(runtime)
-                        final = await graph.ainvoke(initial_state(text, c), rc)
+                        ctx.executor = AsyncExecutor(kernel, cells)
+                        final = await graph.ainvoke(initial_state(text, c), run_config(c),
+                                                    context=ctx)
                 else:
-                    rc = run_config(c, seed=seed, tag=tag)
-                    rc["configurable"].update(runtime)
-                    final = await graph.ainvoke(initial_state(text, c), rc)
+                    final = await graph.ainvoke(initial_state(text, c), run_config(c),
+                                                context=ctx)
             finally:
                 state["live"] -= 1
         traj = _to_trajectory(final, c, reference=ref, problem_id=pid, model_name=name,

@@ -40,11 +40,14 @@ from tirforge.agent.graph import (
     AgentConfig,
     AgentState,
     GenerateFn,
-    build_graph,
+    RunContext,
+    compiled_graph,
+    generate_request,
     initial_state,
     run_config,
     to_trajectory,
 )
+from tirforge.agent.kernel_state import replay_cells
 from tirforge.agent.strategies import Scorer
 from tirforge.executors.base import Executor
 from tirforge.executors.result import ExecutionResult
@@ -120,22 +123,6 @@ class _Node:
     score: float = 0.0
 
 
-def next_request(state: AgentState, cfg: AgentConfig) -> tuple[Request, SamplingParams]:
-    """The request (and sampling) the graph's ``generate`` node makes in ``state``; mirrors
-    ``_Nodes.generate_request`` and ``_params``, and ``_Fixed`` checks that it still does."""
-    fmt = cfg.fmt
-    req = Request(
-        messages=state["messages"],
-        prefix=fmt.render_prefix(state["steps"]),
-        stop=fmt.stop if fmt.uses_tools else None,
-        stop_strings=fmt.stop_strings,
-    )
-    left = cfg.sampling.max_new_tokens
-    if cfg.max_tokens is not None:
-        left = min(left, cfg.max_tokens - state.get("tokens", 0))
-    return req, replace(cfg.sampling, max_new_tokens=max(1, left), n=1)
-
-
 def _fixed(completion: Completion, prefix: str) -> GenerateFn:
     """A one-shot backend for the graph: the continuation that was already sampled."""
     used = False
@@ -144,35 +131,21 @@ def _fixed(completion: Completion, prefix: str) -> GenerateFn:
         nonlocal used
         if used:
             raise RuntimeError("step search: the graph asked for a second turn in one step")
-        if req.prefix != prefix:
-            raise RuntimeError("step search: the graph's generate request no longer matches "
-                               "search.next_request (was graph.py changed?)")
+        if req.prefix != prefix:  # the graph resumed from another state than the sampled one
+            raise RuntimeError("step search: the graph's generate request does not match "
+                               "the sampled candidate's")
         used = True
         return completion
 
     return generate
 
 
-def replay_cells(state: AgentState) -> list[str]:
-    """The cells that rebuild ``state``'s kernel namespace (see the module docstring)."""
-    cells: list[str] = []
-    for step in state["steps"]:
-        res = step.execution
-        if res is None or step.code is None:
-            continue
-        if res.restarted:
-            cells = []
-        elif not res.timed_out:
-            cells.append(step.code)
-    return cells
-
-
 class _SharedKernel:
     """One kernel serving every candidate; ``cells`` is what it has run since its last reset
     (None: unknown, e.g. after a timeout; the next candidate resets it)."""
 
-    def __init__(self, kernel: Executor, timeout: float):
-        self.kernel, self.timeout = kernel, timeout
+    def __init__(self, kernel: Executor):
+        self.kernel = kernel
         self.cells: list[str] | None = None  # a kernel we are handed may hold anything
         self.replayed = 0
 
@@ -183,7 +156,7 @@ class _SharedKernel:
             have = []
         clean = True
         for code in cells[len(have):]:
-            res = self.kernel.run(code, self.timeout)
+            res = self.kernel.run(code)
             self.replayed += 1
             clean = clean and not (res.timed_out or res.restarted)
         # A replay that timed out or lost the kernel leaves it in an unknown state.
@@ -218,7 +191,7 @@ def _sample(
     backend: Backend, states: list[AgentState], cfg: AgentConfig, m: int, seed: int | None
 ) -> list[list[Completion]]:
     """``m`` continuations of every state, one backend call per distinct sampling setting."""
-    reqs = [next_request(s, cfg) for s in states]
+    reqs = [generate_request(s, cfg) for s in states]
     groups: dict[tuple, list[int]] = {}
     for i, (_, params) in enumerate(reqs):
         groups.setdefault(tuple(sorted(params.as_dict().items())), []).append(i)
@@ -263,9 +236,9 @@ def step_search(
     if cfg.fmt.uses_tools and kernel is None:
         raise ValueError(f"format {cfg.format!r} runs code: give a kernel")
     saver = InMemorySaver(serde=JsonPlusSerializer(allowed_msgpack_modules=_SERDE_MODULES))
-    graph = build_graph(None, None, cfg, checkpointer=saver)
+    graph = compiled_graph("sync", saver)
     thread = uuid.uuid4().hex
-    shared = _SharedKernel(kernel, cfg.cell_timeout) if kernel is not None else None
+    shared = _SharedKernel(kernel) if kernel is not None else None
     name = model_name or getattr(backend, "name", "")
     t0 = time.perf_counter()
 
@@ -282,11 +255,12 @@ def step_search(
 
     def run(node_config: dict | None, gen: Any, cells: list[str]) -> _Node:
         runner = _CandidateKernel(shared, cells) if shared is not None else None
-        rc = run_config(cfg, runner, thread, gen)
+        rc = run_config(cfg, thread)
         if node_config is not None:  # resume (and so fork) from this node's checkpoint
             rc["configurable"].update(node_config["configurable"])
+        ctx = RunContext(agent=cfg, backend=gen, executor=runner)
         graph.invoke(None if node_config else initial_state(problem, cfg), rc,
-                     interrupt_before=["generate"])
+                     interrupt_before=["generate"], context=ctx)
         return snapshot()
 
     # The root: the decomposition turn (formats that have one), paused before generating.
@@ -315,13 +289,14 @@ def step_search(
         result.expansions += len(open_) * m
         children: list[_Node] = []
         for node, comps in zip(open_, samples, strict=True):
-            prefix = next_request(node.state, cfg)[0].prefix
+            prefix = generate_request(node.state, cfg)[0].prefix
             seen: set[str] = set()
             for c in comps:
                 if sc.dedupe and c.text in seen:
                     continue
                 seen.add(c.text)
-                children.append(run(node.config, _fixed(c, prefix), replay_cells(node.state)))
+                cells = replay_cells(node.state["steps"])
+                children.append(run(node.config, _fixed(c, prefix), cells))
         for child in children:
             child.traj = trajectory(child)
         scores = scorer.score([c.traj for c in children]) if children else []

@@ -9,18 +9,12 @@ from typing import Any
 
 from tirforge.trajectories.metrics import group_answers
 from tirforge.trajectories.schema import Step, Trajectory
+from tirforge.trajectories.transcript import split_prose
 
-_CODE_OPEN = re.compile(r"```(?:python|py)[ \t]*\n", re.IGNORECASE)
 Message = dict[str, Any]
 SCORED = ("best-of-n", "weighted-majority")
 """Strategies that rate samples with a scorer (the others only count answers)."""
 NO_RM = "scored by execution heuristics (no RM loaded)"
-
-
-def _split_prose(text: str) -> tuple[str, str]:
-    """(prose before the first ```python fence, the rest)."""
-    m = _CODE_OPEN.search(text)
-    return (text, "") if m is None else (text[: m.start()], text[m.start() :])
 
 
 _BARE_BOX = re.compile(r"(?<![$\\(\[])\\boxed\{([^{}$]*)\}(?![$])")
@@ -35,7 +29,7 @@ def step_messages(step: Step, index: int, image_dir: str | None = None) -> list[
     """Chat messages for one model turn: its prose, its code cell with the kernel's output (a
     collapsible block), images the cell displayed, and any self-correction note."""
     out: list[Message] = []
-    prose = _split_prose(step.text)[0] if step.code is not None else step.text
+    prose = split_prose(step.text)[0] if step.code is not None else step.text
     if prose.strip():
         out.append({"role": "assistant", "content": _math_boxes(prose.strip())})
     if step.code is not None:

@@ -41,11 +41,9 @@ def _main() -> None:
 
 
 def _print_step(step, index: int) -> None:
-    from tirforge.agent import format as fmt
+    from tirforge.trajectories.transcript import split_prose
 
-    text = step.text
-    block = fmt.find_code_block(text) if step.code is not None else None
-    prose = text[: fmt._OPEN.search(text).start()] if block else text
+    prose = split_prose(step.text)[0] if step.code is not None else step.text
     if prose.strip():
         console.print(Text(prose.strip()), style="white")
     if step.code is not None:
@@ -319,7 +317,7 @@ def chat(
     server = ChatServer(
         load,
         ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout),
-        AgentConfig(format=format, max_turns=max_turns, cell_timeout=timeout,
+        AgentConfig(format=format, max_turns=max_turns,
                     sampling=SamplingParams(max_new_tokens=max_new_tokens)),
         ChatConfig(host=host, port=port, max_sessions=max_sessions,
                    db_path=str(db) if db else None, examples=benchmark_examples(data_dir),

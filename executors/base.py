@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from concurrent.futures import Executor as ThreadPool
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tirforge.executors.result import ExecutionResult
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -38,23 +42,31 @@ class AsyncExecutor:
     """asyncio face of any Executor: each call runs in a worker thread.
 
     Kernel round trips block on ZMQ sockets; a thread per in-flight cell keeps the event loop
-    free, and one kernel never runs two cells at once (a lock serialises them).
+    free, and one kernel never runs two cells at once (a lock serialises them). ``threads``:
+    the pool those threads come from (None: asyncio's default pool, which has at most
+    min(32, CPUs + 4) threads; give one as wide as the number of kernels used at once).
+    The coroutine graph of ``tirforge.agent.graph`` runs its cells through this class.
     """
 
-    def __init__(self, executor: Executor):
+    def __init__(self, executor: Executor, threads: ThreadPool | None = None):
         self.executor = executor
+        self._threads = threads
         self._lock = asyncio.Lock()
 
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
     async def start(self) -> None:
-        await asyncio.to_thread(self.executor.start)
+        await self._call(self.executor.start)
 
     async def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        """Run one cell (``Executor.run``); waits for the kernel's previous cell first."""
         async with self._lock:
-            return await asyncio.to_thread(self.executor.run, code, timeout)
+            return await self._call(self.executor.run, code, timeout)
 
     async def reset(self) -> bool:
         async with self._lock:
-            return await asyncio.to_thread(self.executor.reset)
+            return await self._call(self.executor.reset)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.executor.close)
+        await self._call(self.executor.close)

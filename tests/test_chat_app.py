@@ -148,7 +148,7 @@ def app_url(tmp_path_factory):
     server = ChatServer(
         ScriptedBackend,
         ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
-        AgentConfig(max_turns=4, cell_timeout=60),
+        AgentConfig(max_turns=4),
         ChatConfig(max_sessions=3, db_path=str(db), examples=["What is 2 + 2?"],
                    max_samples=3, samples=3),
         model_name="scripted",

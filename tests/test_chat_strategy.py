@@ -24,7 +24,7 @@ def make_server(tmp_path: Path, **kw) -> ChatServer:
     server = ChatServer(
         ScriptedBackend,
         ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
-        AgentConfig(max_turns=4, cell_timeout=60),
+        AgentConfig(max_turns=4),
         ChatConfig(max_sessions=2, db_path=str(tmp_path / "threads.sqlite"), max_samples=3),
         model_name="scripted",
         **kw,
@@ -190,3 +190,55 @@ def test_summary_when_nobody_answers():
     msg = samples_summary(samples, 0, "majority")
     assert msg["metadata"]["title"].endswith("no sample answered, so the first is shown")
     assert msg["content"].count("| — |") >= 2 and "**picked**" in msg["content"]
+
+
+def test_the_service_streams_events_and_never_compiles(server, monkeypatch):
+    """``ChatService.ask`` (the library under the page) yields the run's events; whatever the
+    settings, every question runs the one compiled graph of the process."""
+    from langgraph.graph import StateGraph
+
+    from tirforge.agent.graph import compiled_graph
+
+    compiled_graph("sync")  # the process's one compile (an earlier test may have done it)
+    compiles: list[int] = []
+    original = StateGraph.compile
+    monkeypatch.setattr(StateGraph, "compile",
+                        lambda self, *a, **kw: compiles.append(1) or original(self, *a, **kw))
+    for i, (fmt, temp) in enumerate([("qwen-tir", 0.0), ("dotamath", 0.9), ("qwen-cot", 0.4)]):
+        server._backend.starts.clear()  # type: ignore[union-attr]
+        events = list(server.ask("svc", "What are the squares?", fmt=fmt, temperature=temp,
+                                 thread_id=f"svc-{i}-{time.monotonic()}"))
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "start" and events[0][1] == (1, "")
+        assert "trajectory" in kinds and "event" in kinds and kinds[-1] == "trajectory"
+        traj = events[-1][1]
+        assert traj.format == fmt and traj.sampling["temperature"] == temp
+    assert compiles == []
+    assert not server.sessions["svc"].busy
+
+
+def test_loading_then_a_load_error_is_shown_not_raised(tmp_path):
+    import threading
+
+    release = threading.Event()
+
+    def broken_model():
+        release.wait(30)
+        raise OSError("no weights in /nowhere")
+
+    server = ChatServer(broken_model, ExecutorConfig(backend="local", sandbox="bwrap", timeout=60),
+                        AgentConfig(max_turns=2),
+                        ChatConfig(max_sessions=1, db_path=str(tmp_path / "t.sqlite")))
+    try:
+        yields = server.respond("k", "What is 1 + 1?")
+        first = next(yields)
+        assert first[0] == {"role": "user", "content": "What is 1 + 1?"}
+        assert "Model still loading" in first[1]["content"]
+        release.set()
+        last = list(yields)[-1]
+        assert last[-1]["content"] == (
+            "**Error:** the model could not be loaded: OSError: no weights in /nowhere")
+        assert server.load_error and not server.sessions["k"].busy
+    finally:
+        release.set()
+        server.close()

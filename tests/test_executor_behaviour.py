@@ -109,6 +109,33 @@ def test_async_executor(make_kernel):
     assert asyncio.run(main()) == ["5", "6", "7", "8", "9"]
 
 
+def test_async_executor_in_its_own_threads(make_kernel):
+    # The coroutine graph runs cells this way: a pool as wide as the kernels in use.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = make_kernel()
+    seen: list[str] = []
+    real_run = k.run
+
+    def run(code, timeout=None):
+        seen.append(threading.current_thread().name)
+        return real_run(code, timeout)
+
+    k.run = run
+    with ThreadPoolExecutor(2, thread_name_prefix="cell") as threads:
+
+        async def main():
+            a = AsyncExecutor(k, threads)
+            await a.run("z = []")
+            # Serialised on one kernel: every append sees the ones before it.
+            await asyncio.gather(*(a.run(f"z.append(len(z) == {i})") for i in range(4)))
+            return (await a.run("print(all(z), len(z))")).stdout.strip()
+
+        assert asyncio.run(main()) == "True 4"
+    assert seen and all(name.startswith("cell") for name in seen)
+
+
 def test_capped_stream_keeps_head_and_tail():
     c = _Capped(10)
     for ch in "abcdefghijklmnopqrstuvwxyz":

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tirforge.agent import format as fmt
 from tirforge.agent.backends.replay import ReplayBackend, ReplayExhausted
+from tirforge.agent.formats import qwen_tir as fmt
 from tirforge.agent.graph import AgentConfig, solve
 from tirforge.executors import LocalKernelExecutor
 from tirforge.trajectories.schema import Trajectory, append_jsonl, read_jsonl
@@ -134,15 +134,6 @@ def test_torn_line_is_reported(tmp_path):
         read_jsonl(path)
 
 
-def test_parse_code_block_variants():
-    assert fmt.find_code_block("```python\nx=1\n```")[0] == "x=1"
-    assert fmt.find_code_block("```py\nx=1\n```\nmore")[0] == "x=1"
-    assert fmt.find_code_block("```\nnot python\n```") is None
-    assert fmt.find_code_block("```python\nx = '```'\n") is None  # fence inside a string
-    assert fmt.has_open_code_block("text ```python\nx=1")
-    assert not fmt.has_open_code_block("```python\nx=1\n```")
-
-
 # -- formats, budgets, reflect policy, events, checkpoints ------------------------------------
 from tirforge.agent.formats import get_format  # noqa: E402
 from tirforge.agent.graph import solve_stream  # noqa: E402
@@ -202,11 +193,11 @@ def test_dotamath_self_corrects_after_error(kernel):
 
 
 def test_timeout_then_restart_then_reflect():
-    with LocalKernelExecutor(timeout=10) as k:
+    with LocalKernelExecutor(timeout=1.0) as k:  # the kernel's timeout is the cell timeout
         slow = "```python\nimport time\ntime.sleep(30)\n```"
         die = "```python\nimport os\nx = 5\nos._exit(1)\n```"
         uses_x = "```python\nprint(x)\n```"
-        traj, backend = run([slow, die, uses_x, CODE, "\\boxed{2870}"], k, cell_timeout=1.0)
+        traj, backend = run([slow, die, uses_x, CODE, "\\boxed{2870}"], k)
     kinds = [s.feedback for s in traj.steps[:3]]
     assert kinds == [fmt.REFLECT_TIMEOUT + "\n", fmt.REFLECT_RESTART + "\n",
                      fmt.REFLECT_ERROR + "\n"]
@@ -255,3 +246,61 @@ def test_stream_emits_typed_events(kernel):
     nodes = [n for n, _ in items if n not in ("event", "trajectory")]
     assert nodes == ["generate", "execute", "reflect", "generate", "execute", "generate",
                      "finish"]
+
+
+# -- run-scoped dependencies: runtime context, one compiled graph, one cell timeout -----------
+def test_cell_timeout_is_the_executors(kernel):
+    with pytest.warns(DeprecationWarning, match=r"ExecutorConfig\.timeout"):
+        cfg = AgentConfig(cell_timeout=60)
+    assert "cell_timeout" not in repr(cfg)
+    from dataclasses import replace
+
+    assert replace(cfg, max_turns=2).max_turns == 2  # no warning, nothing carried over
+
+
+def test_one_compiled_graph_serves_every_config(kernel, monkeypatch, tmp_path):
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.graph import StateGraph
+
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import compiled_graph
+
+    with pytest.raises(ValueError, match="kind"):
+        compiled_graph("threads")  # type: ignore[arg-type]
+    compiled_graph("sync")  # warm
+    compiles = []
+    original = StateGraph.compile
+    monkeypatch.setattr(StateGraph, "compile",
+                        lambda self, *a, **kw: compiles.append(1) or original(self, *a, **kw))
+    assert compiled_graph("sync") is compiled_graph("sync")
+    with sqlite3.connect(tmp_path / "t.sqlite", check_same_thread=False) as conn:
+        saver = SqliteSaver(conn)
+        for i, (name, temp) in enumerate([("qwen-tir", 0.0), ("dotamath", 0.7),
+                                          ("qwen-cot", 1.0), ("qwen-tir", 0.3)]):
+            turns = ["plan", CODE, "\\boxed{2870}"] if name == "dotamath" else [
+                CODE, "\\boxed{2870}"]
+            cfg = AgentConfig(format=name, sampling=SamplingParams(temperature=temp))
+            backend = ReplayBackend(turns)
+            traj = solve("Sum of squares of 1..20?", backend, kernel, cfg, reference="2870",
+                         checkpointer=saver if i % 2 else None, thread_id=f"t{i}")
+            assert traj.verdict == "correct" and traj.format == name
+            assert (traj.steps[0].code is None) == (name != "qwen-tir")
+    assert compiles == []  # the same two compiled graphs, whatever the config and checkpointer
+
+
+def test_the_run_context_reaches_the_requests(kernel):
+    from tirforge.agent.graph import RunContext, compiled_graph, initial_state, run_config
+
+    backend = ReplayBackend(["\\boxed{1}"])
+    cfg = AgentConfig(max_turns=2)
+    final = compiled_graph("sync").invoke(
+        initial_state("q", cfg), run_config(cfg),
+        context=RunContext(agent=cfg, backend=backend, seed=7, tag="p#0"),
+    )
+    assert final["final_answer"] == "1"
+    assert (backend.calls[0].seed, backend.calls[0].tag) == (7, "p#0")
+    with pytest.raises(RuntimeError, match="no model backend"):
+        compiled_graph("sync").invoke(initial_state("q", cfg), run_config(cfg),
+                                      context=RunContext(agent=cfg))

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from tirforge.agent import format as fmt
+from tirforge.agent.formats import qwen_tir as fmt
 from tirforge.training.masking import IGNORE_INDEX, render, tokenize_trajectory
 from tirforge.trajectories.messages import to_segments
 from tirforge.trajectories.schema import Step, Trajectory

@@ -1,6 +1,6 @@
 import pytest
 
-from tirforge.agent import format as fmt
+from tirforge.agent.formats import qwen_tir as fmt
 from tirforge.trajectories.messages import render_prefix, to_messages, to_segments
 from tirforge.trajectories.schema import Step, Trajectory
 
@@ -42,12 +42,11 @@ def test_feedback_is_not_trainable_in_either_style():
 
 
 def test_render_prefix_agrees_with_agent_format():
-    # The agent keeps its own copy (agent/ may not import trajectories.messages); they must agree.
+    # One layout (trajectories.transcript): what training sees is what the agent's model saw.
     from tirforge.agent.formats import FORMATS
 
     for t in (toy_trajectory(), _with_feedback()):
-        assert render_prefix(t.steps) == fmt.render_prefix(t.steps)
-        assert to_messages(t, "fenced")[-1]["content"] == fmt.render_prefix(t.steps)
+        assert to_messages(t, "fenced")[-1]["content"] == render_prefix(t.steps)
         for f in FORMATS.values():
             assert render_prefix(t.steps) == f.render_prefix(t.steps), f.name
 

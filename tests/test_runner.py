@@ -60,6 +60,12 @@ def test_tool_free_format_needs_no_pool():
     assert backend.batch_sizes == [3]
     with pytest.raises(ValueError, match="KernelPool"):
         run_many(probs, backend, None, AgentConfig(format="qwen-tir"))
+    # A config error stops the run before any job, even when failures are collected per job.
+    failed = []
+    with pytest.raises(ValueError, match="no decomposition"):
+        run_many(probs, backend, None, AgentConfig(format="qwen-cot", decompose=True),
+                 on_result=lambda *a: failed.append(a))
+    assert failed == []
 
 
 def test_samples_get_their_own_seed():
@@ -74,3 +80,17 @@ def test_backend_errors_reach_the_caller(pool):
     backend = ReplayBackend({"p": ["```python\nprint(1)\n```"]})  # no second turn
     with pytest.raises(ReplayExhausted):
         run_many(["p"], backend, pool)
+
+
+def test_formats_share_the_one_async_graph(pool):
+    # dotamath decomposes first, qwen-tir does not: a routing decision of one compiled graph,
+    # made from each run's context.
+    probs = problems(2)
+    plan = [" square it\n2. report it"]
+    backend = ReplayBackend({p["problem"]: plan + script(i) for i, p in enumerate(probs)})
+    trajs = run_many(probs, backend, pool, AgentConfig(format="dotamath"))
+    assert [t.verdict for t in trajs] == ["correct"] * 2
+    assert all(t.steps[0].text.endswith("2. report it") and t.steps[1].output for t in trajs)
+    backend = ReplayBackend({p["problem"]: script(i) for i, p in enumerate(probs)})
+    trajs = run_many(probs, backend, pool, AgentConfig(format="qwen-tir"))
+    assert [t.verdict for t in trajs] == ["correct"] * 2 and len(trajs[0].steps) == 2

@@ -6,7 +6,8 @@ import pytest
 
 from tirforge.agent.backends.base import SamplingParams
 from tirforge.agent.graph import AgentConfig
-from tirforge.agent.search import StepSearchConfig, replay_cells, step_search
+from tirforge.agent.kernel_state import replay_cells
+from tirforge.agent.search import StepSearchConfig, step_search
 from tirforge.agent.strategies import ExecutionScorer
 from tirforge.executors import ExecutorConfig, make_executor
 from tirforge.trajectories.schema import Trajectory
@@ -126,7 +127,12 @@ def test_errors_and_restarts_are_replayed_faithfully(kernel):
     steps = res.best.steps
     restarted = steps[0].model_copy(update={"execution": steps[0].execution.model_copy(
         update={"restarted": True})})
-    assert replay_cells({"steps": [restarted, *steps[1:]]}) == [steps[1].code]
+    assert replay_cells([restarted, *steps[1:]]) == [steps[1].code]
+    assert replay_cells(steps[1:], before=["z = 0"]) == ["z = 0", steps[1].code]
+    timed = steps[1].model_copy(update={"execution": steps[1].execution.model_copy(
+        update={"timed_out": True})})
+    assert replay_cells([steps[0], timed]) == [steps[0].code]  # not waited for again
+    assert replay_cells([restarted], before=["z = 0"]) == []
 
 
 def test_formats_without_code_and_missing_kernel():

@@ -2,7 +2,7 @@
 
 ``fenced`` (Qwen2.5-Math TIR): the prompt, then ONE assistant message holding the whole solution,
 with each executor output spliced in as a ```output block after the code that produced it. This is
-the text the agent's model continues at inference time.
+the text the agent's model continues at inference time; its layout is ``trajectories.transcript``.
 
 ``tool``: the prompt, then assistant turns that end with their code block, each followed by a
 ``tool`` message with the executor output; the assistant continues in a new turn.
@@ -14,27 +14,25 @@ it, like every executor output, as not trainable.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from tirforge.trajectories.transcript import (
+    render_output,
+    render_pieces,
+    render_prefix,
+    split_output_blocks,
+)
+
 if TYPE_CHECKING:
-    from tirforge.trajectories.schema import Step, Trajectory
+    from tirforge.trajectories.schema import Trajectory
 
 Style = Literal["tool", "fenced"]
 STYLES: tuple[str, ...] = ("tool", "fenced")
-# An executor output block inside fenced assistant text, as render_output writes it.
-_OUTPUT_BLOCK = re.compile(r"\n```output\n.*?\n```\n", re.DOTALL)
-
-
-def render_output(output: str) -> str:
-    """The ```output block placed after a code block (Qwen2.5-Math TIR layout)."""
-    return f"\n```output\n{output}\n```\n"
-
-
-def render_prefix(steps: list[Step]) -> str:
-    """The fenced assistant text of ``steps``: text, ```output block, feedback, per step."""
-    return "".join(text for text, _ in _fenced_pieces(steps))
+__all__ = [
+    "STYLES", "Segment", "SegmentedMessage", "Style", "render_output", "render_prefix",
+    "segments_from_messages", "to_messages", "to_segments",
+]
 
 
 @dataclass
@@ -60,17 +58,6 @@ class SegmentedMessage:
         return {"role": self.role, "content": self.content}
 
 
-def _fenced_pieces(steps: list[Step]) -> list[tuple[str, bool]]:
-    pieces: list[tuple[str, bool]] = []
-    for s in steps:
-        pieces.append((s.text, True))
-        if s.output is not None:
-            pieces.append((render_output(s.output), False))
-        if s.feedback:
-            pieces.append((s.feedback, False))
-    return pieces
-
-
 def _prompt(traj: Trajectory) -> list[SegmentedMessage]:
     if not traj.messages:
         raise ValueError(
@@ -93,7 +80,7 @@ def to_segments(traj: Trajectory, style: Style = "tool") -> list[SegmentedMessag
         raise ValueError(f"unknown message style {style!r}; expected one of {STYLES}")
     msgs = _prompt(traj)
     if style == "fenced":
-        segs = [Segment(t, ok) for t, ok in _fenced_pieces(traj.steps) if t]
+        segs = [Segment(t, ok) for t, ok in render_pieces(traj.steps) if t]
         if segs:
             msgs.append(SegmentedMessage("assistant", segs))
         return msgs
@@ -133,10 +120,6 @@ def segments_from_messages(messages: list[dict]) -> list[SegmentedMessage]:
         if role != "assistant":
             out.append(SegmentedMessage(role, [Segment(content, False)]))
             continue
-        segs, pos = [], 0
-        for b in _OUTPUT_BLOCK.finditer(content):
-            segs += [Segment(content[pos : b.start()], True), Segment(b.group(0), False)]
-            pos = b.end()
-        segs.append(Segment(content[pos:], True))
-        out.append(SegmentedMessage(role, [s for s in segs if s.text] or [Segment("", True)]))
+        segs = [Segment(text, not output) for text, output in split_output_blocks(content)]
+        out.append(SegmentedMessage(role, segs or [Segment("", True)]))
     return out

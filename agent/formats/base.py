@@ -1,9 +1,11 @@
 """What a prompt format is: it renders solve state to model input and parses model output.
 
 A format owns three things: the chat prompt (system + user turn), how the assistant's text so far
-is laid out (``render_prefix``), and how a model turn is read back (``parse_turn``). Feedback
-lines that the agent appends (reflection, answer nudge) are fixed strings of the format, which is
-what lets ``parse_transcript`` split a rendered transcript back into its steps exactly.
+is laid out (``render_prefix``), and how a model turn is read back (``parse_turn``). The layout
+itself (fences, ```output blocks) is ``trajectories.transcript``'s, shared with training and the
+apps. Feedback lines that the agent appends (reflection, answer nudge) are fixed strings of the
+format, which is what lets ``parse_transcript`` split a rendered transcript back into its steps
+exactly.
 """
 
 from __future__ import annotations
@@ -11,16 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tirforge.agent import format as fence
+from tirforge.trajectories import transcript
 from tirforge.trajectories.grading import extract_boxed
-from tirforge.trajectories.schema import Step
+from tirforge.trajectories.messages import to_messages
+from tirforge.trajectories.schema import Step, Trajectory
 
 TurnEvent = Literal["code", "answer", "unclosed", "no_answer"]
 Reflection = Literal["error", "timeout", "restart", "empty_output", "unclosed", "no_answer"]
 MessageStyle = Literal["fenced", "tool"]
-
-_OUTPUT_HEAD = "\n```output\n"
-_OUTPUT_TAIL = "\n```\n"
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,20 @@ class Format:
 
     # -- assistant transcript -----------------------------------------------------------------
     def render_step(self, step: Step) -> str:
-        text = step.text
-        if step.output is not None:
-            text += _OUTPUT_HEAD + step.output + _OUTPUT_TAIL
-        return text + (step.feedback or "")
+        """One step's text, ```output block and feedback (``transcript.render_step``)."""
+        return transcript.render_step(step)
 
     def render_prefix(self, steps: list[Step]) -> str:
         """The assistant text so far, which the model continues verbatim."""
-        return "".join(self.render_step(s) for s in steps)
+        return transcript.render_prefix(steps)
 
     def stop(self, text: str) -> bool:
         """Generation stop condition: a ```python block has closed (never, without tools)."""
-        return self.uses_tools and fence.has_closed_code_block(text)
+        return self.uses_tools and transcript.has_closed_code_block(text)
 
     def parse_turn(self, text: str) -> tuple[str, str | None, TurnEvent]:
         """Cut a model turn at its first closed code block; classify what the turn produced."""
-        block = fence.find_code_block(text) if self.uses_tools else None
+        block = transcript.find_code_block(text) if self.uses_tools else None
         boxed_at = text.find("\\boxed")
         if block is not None:
             code, end = block
@@ -76,7 +74,7 @@ class Format:
                 return text[:end], code, "code"
         if boxed_at != -1 and extract_boxed(text) is not None:
             return text, None, "answer"
-        if self.uses_tools and fence.has_open_code_block(text):
+        if self.uses_tools and transcript.has_open_code_block(text):
             return text, None, "unclosed"
         return text, None, "no_answer"
 
@@ -86,40 +84,10 @@ class Format:
         Step boundaries are the end of an ```output block and the format's own feedback
         strings; a step without either is the last one.
         """
-        feedbacks = sorted(
-            {*self.feedback.values(), *([self.after_decompose] if self.after_decompose else [])},
-            key=len,
-            reverse=True,
+        extra = [self.after_decompose] if self.after_decompose else []
+        return transcript.parse_transcript(
+            text, [*self.feedback.values(), *extra], code=self.uses_tools
         )
-        steps: list[Step] = []
-        rest = text
-        while rest:
-            block = fence.find_code_block(rest) if self.uses_tools else None
-            end = block[1] if block else len(rest) + 1
-            fb_at, fb = min(
-                ((rest.find(f), f) for f in feedbacks if 0 <= rest.find(f) < end),
-                default=(-1, ""),
-            )
-            if fb_at >= 0:  # a feedback line comes before any closed code: a no-code step
-                steps.append(Step(text=rest[:fb_at], feedback=fb))
-                rest = rest[fb_at + len(fb) :]
-                continue
-            if block is None:
-                steps.append(Step(text=rest))
-                break
-            step = Step(text=rest[:end], code=block[0])
-            rest = rest[end:]
-            if rest.startswith(_OUTPUT_HEAD):
-                close = rest.find(_OUTPUT_TAIL, len(_OUTPUT_HEAD) - 1)
-                if close < 0:
-                    raise ValueError("unclosed ```output block in transcript")
-                step.output = rest[len(_OUTPUT_HEAD) : close]
-                rest = rest[close + len(_OUTPUT_TAIL) :]
-            fb = next((f for f in feedbacks if rest.startswith(f)), None)
-            if fb is not None:
-                step.feedback, rest = fb, rest[len(fb) :]
-            steps.append(step)
-        return steps
 
     # -- chat renderings ----------------------------------------------------------------------
     def to_messages(
@@ -130,7 +98,4 @@ class Format:
         ``fenced``: one assistant message holding the transcript (what the model saw).
         ``tool``: code outputs become ``tool`` messages; feedback opens the next assistant turn.
         """
-        from tirforge.trajectories.messages import to_messages
-        from tirforge.trajectories.schema import Trajectory
-
         return to_messages(Trajectory(problem="", messages=messages, steps=steps), style)

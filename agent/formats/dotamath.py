@@ -4,7 +4,7 @@ After DotaMath (Li et al., 2024): the assistant first lists sub-tasks, then writ
 sub-task, and every failed or empty execution is followed by a self-correction line.
 """
 
-from tirforge.agent import format as fence
+from tirforge.agent.formats import qwen_tir as fence
 from tirforge.agent.formats.base import Format
 
 DOTAMATH = Format(

@@ -1,6 +1,6 @@
 """``qwen-cot``: Qwen2.5-Math chain of thought, no tools."""
 
-from tirforge.agent import format as fence
+from tirforge.agent.formats import qwen_tir as fence
 from tirforge.agent.formats.base import Format
 
 QWEN_COT = Format(
