@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
+from tirforge.trajectories.datasets import data_root
 from tirforge.trajectories.grading import (
     Verdict,
     answers_equal,
@@ -20,7 +20,7 @@ from tirforge.trajectories.grading import (
 )
 
 # The repo is /work/main, the shared data /work/shared/data.
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = data_root()
 
 
 def _read_jsonl(relative: str) -> list[dict]:
