@@ -183,7 +183,8 @@ _MIXED_RE = re.compile(r"^([+-]?)(\d+)(?: (\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})$
 _REPEATING_RE = re.compile(r"^([+-]?)(\d*)\.(\d*)\\(?:overline|dot)\{?(\d+)\}?$")
 _REL_TOL = Fraction(1, 10**6)
 # Two numbers side by side with only a space between: no reading of that is safe.
-_JUXTAPOSED_RE = re.compile(r"\d \.?\d")
+# (A sub- or superscript digit is not a number of its own: "\log_2 8" is fine.)
+_JUXTAPOSED_RE = re.compile(r"(?<![\d_^.])\d+(?:\.\d+)? \.?\d")
 
 
 def _to_number(s: str) -> tuple[Fraction, bool] | None:
@@ -331,7 +332,8 @@ def _judge(pred: str, ref: str) -> bool | None:
 
 def _symbolic(pred: str, ref: str, pred_is_number: bool) -> bool | None:
     """The slow path on both sides, prepared for parsing (see ``symbolic.symbolic_equal``)."""
-    outcome = symbolic_equal(_for_parse(pred), _for_parse(ref), _timeout())
+    # _with_timeout bounds this call; nested SIGALRMs would cancel each other.
+    outcome = symbolic_equal(_for_parse(pred), _for_parse(ref), None)
     if outcome is None and pred_is_number:
         return False  # a number is always a readable answer, just not this one
     return outcome

@@ -134,13 +134,24 @@ def _numeric_equal(a, b, inexact: bool) -> bool | None:
     return None
 
 
+def _is_assignment(rel) -> bool:
+    """``x = ...`` (or a chain ``x = ... = ...``): one symbol on the left of an equation.
+
+    Stricter than math-verify's ``is_assignment_relation``, which also counts ``x + y = 5``.
+    """
+    import sympy
+    from math_verify.grader import is_equation, take_first_relation
+
+    return is_equation(rel) and isinstance(take_first_relation(rel).lhs, sympy.Symbol)
+
+
 def symbolic_equal(pred: str, ref: str, timeout: int | None) -> bool | None:
     """Whether two bare LaTeX answers are equal; None when ``pred`` cannot be read at all.
 
     ``timeout``: seconds for math-verify's ``verify`` (signal based, so None off the main
     thread, where the caller enforces its own). Raises nothing.
     """
-    from math_verify.grader import is_assignment_relation, is_relation, take_last_relation
+    from math_verify.grader import is_relation, take_last_relation
 
     target = parse_strict(pred)
     if not target:
@@ -156,8 +167,8 @@ def symbolic_equal(pred: str, ref: str, timeout: int | None) -> bool | None:
         g_rel, t_rel = is_relation(g), is_relation(t)
         if g_rel != t_rel:
             rel, other = (g, t) if g_rel else (t, g)
-            if not isinstance(other, sympy.Set) and not is_assignment_relation(rel):
-                return False  # "2x + 5y - 7 = 0" is not the number 0
+            if not isinstance(other, sympy.Set) and not _is_assignment(rel):
+                return False  # "2x + 5y - 7 = 0" (or "x + y = 5") is not the number 0 (or 5)
             if not isinstance(other, sympy.Set):
                 rhs = take_last_relation(rel).rhs
                 g, t = (rhs, t) if g_rel else (g, rhs)
