@@ -67,6 +67,7 @@ RELATIONS: list[Case] = [
     ("0", "2x + 5y - 7 = 0", False, "the other way round too"),
     ("x = 2", "2", True, "an assignment states the value (conventionally correct)"),
     ("k = \\frac{1}{2}", "0.5", True, "an assignment, compared by value"),
+    ("f(x) = 2x", "2x", True, "a function's definition states its value"),
     ("(-\\infty, 3]", "x \\le 3", True, "an interval and the inequality describing it"),
 ]
 
@@ -94,6 +95,8 @@ MARKDOWN: list[Case] = [
     ("`42`", "42", True, "inline code"),
     ("**\\frac{1}{2}**", "0.5", True, "bold LaTeX"),
     ("**$x = 3$**", "3", True, "bold math with an assignment"),
+    ("**12** apples", "12", True, "bold number then a unit word"),
+    ("x**2", "x2", False, "'**' inside an expression is a power, not bold"),
     ("**12**", "13", False, "markup removed, value still wrong"),
 ]
 
@@ -219,6 +222,9 @@ CUES: list[tuple[str, str, str]] = [
     ("最终答案：12", "12", "Chinese cue with a full-width colon"),
     ("So the final answer is: 3/4.", "3/4", "'is:' cue"),
     ("The answer is Evelyn.", "Evelyn", "a word answer is kept"),
+    ("The answer is: **8**.", "8", "bold answer after the cue"),
+    ("**Final Answer**: 17", "17", "bold cue, colon outside the bold"),
+    ("因此，答案是 12。", "12", "Chinese comma before the cue"),
     ("Thus we get 5 apples and then 7 more, so 12 in all.", "12", "no cue: the last number"),
     ("We find $x = 3$ here", "x = 3", "no cue: the last math span"),
 ]

@@ -37,12 +37,14 @@ _A_LINE_RE = re.compile(r"\n[ \t]*A:[ \t]*(\$?[ \t]*[-+]?\.?\d[^\n]*?)[ \t]*\Z")
 # Cues before a stated answer; markdown emphasis may wrap the cue ("**Answer:** 4").
 _MD = r"(?:\*\*|__|\*|_)?"
 _CUE_RE = re.compile(
-    rf"{_MD}(?:(?:final answer|the answer|answer)\s*(?:is\b\s*:?|[:：=])|"
-    rf"(?:最终|最后)?答案\s*(?:应该|应)?\s*(?:是|为|：|:|=)){_MD}",
+    rf"{_MD}(?:(?:final answer|the answer|answer){_MD}\s*(?:is\b\s*:?|[:：=])|"
+    rf"(?:最终|最后)?答案\s*(?:应该|应)?\s*(?:是|为|：|:|=))",
     re.IGNORECASE,
 )
 _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|[-+]?\.\d+%?")
+# Bold that opens and closes around text, never "x**2" (a Python power): "**12** apples".
+_INLINE_BOLD_RE = re.compile(r"(?<![\w*])(\*\*|__)(?=\S)(.+?)(?<=\S)\1(?![\w*])")
 _MARKDOWN_WRAP_RE = re.compile(r"^(\*\*|__|\*|_|`)(.+)\1$", re.DOTALL)
 _MARKUP_END = set(".,;:。，；：*_`$)]")
 _MARKUP_START = set("*_`$\\")
@@ -56,8 +58,10 @@ def strip_markup(ans: str) -> str:
     before a number (``$18.90``) is kept for the unit stripping of ``normalize``.
     """
     s = ans.strip()
-    if not s or (s[-1] not in _MARKUP_END and s[0] not in _MARKUP_START):
+    if not s or (s[-1] not in _MARKUP_END and s[0] not in _MARKUP_START and "**" not in s
+                 and "__" not in s):
         return s
+    s = _INLINE_BOLD_RE.sub(r"\2", s)
     while True:
         prev = s
         s = _TRAILING_PUNCT_RE.sub("", s)
@@ -173,7 +177,11 @@ def _answer_after(rest: str) -> str | None:
     A sentence that restates the question ("The largest $n$ is 34.") gives its last math span
     or number; a bare word ("Evelyn") is kept as a text answer.
     """
-    rest = rest.lstrip(" \t*_")
+    rest = rest.lstrip(" \t")
+    if rest[:2] in ("**", "__") and rest[2:3].isspace():
+        rest = rest[2:].lstrip(" \t")  # the closing bold of "**Answer:** 4"
+    if rest.startswith(("**", "__")) and (m := _INLINE_BOLD_RE.match(rest)):
+        rest = m.group(2) + rest[m.end() :]  # "**8**." -> "8."
     math_m = _MATH_SPAN_RE.match(rest)
     if math_m:
         return next(g for g in math_m.groups() if g is not None).strip() or None

@@ -82,7 +82,10 @@ _THOUSANDS_RE = re.compile(
     r"^[+-]?\d{1,3}(?:(,)\d{3})+(?:\.\d+)?$|^[+-]?\d{1,3}(?:( )\d{3})+(?:\.\d+)?$"
 )
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
-_ASSIGN_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:=|\\in(?![a-zA-Z]))([^=]+)$")
+# "x = 5", "\theta = 5", "f(x) = 2x", "x \in [1, 2]": one name (maybe applied) on the left.
+_ASSIGN_RE = re.compile(
+    r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:\([a-zA-Z, ]*\))?\s*(?:=|\\in(?![a-zA-Z]))([^=]+)$"
+)
 _COMMAND_END_RE = re.compile(r"\\[a-zA-Z]+$")
 
 
@@ -170,7 +173,10 @@ def _for_parse(ans: str) -> str:
     s = re.sub(r"\\(?:mathrm|text|mathit)\{\s*([eiπ])\s*\}", r"\1", s)  # \mathrm{e} is e
     s = re.sub(r"\\sqrt\s*\(([^()]*)\)", r"\\sqrt{\1}", s)
     s = s.replace("\\%", "").replace("%", "")
-    return strip_markup(s)
+    s = strip_markup(s)
+    if (m := _ASSIGN_RE.match(s)) and "(" in s.split("=")[0]:
+        s = m.group(1)  # "f(x) = 2x": the parser would read f(x) as a product f*x
+    return s
 
 
 # --------------------------------------------------------------------------- numbers
