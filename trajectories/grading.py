@@ -286,11 +286,6 @@ _TIMEOUT_S = 5
 """Seconds the symbolic path may spend on one answer (parse + compare)."""
 
 
-def _timeout() -> int | None:
-    # math-verify times out with signal.alarm, which only works in the main thread.
-    return _TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
-
 def _with_timeout(fn: Callable[[], bool | None]) -> bool | None:
     """``fn()`` with the per-answer timeout in any thread (collect grades in worker threads).
 
