@@ -126,7 +126,7 @@ def extract_boxed(text: str) -> str | None:
     return found[-1][2] if found else None
 
 
-_BOX_JOINER_RE = re.compile(r"^[\s$.,;:]*(?:,|;|\\\\|\band\b|\bor\b|&|\\text\{\s*(?:and|or)\s*\})")
+_BOX_JOINER_RE = re.compile(r",|;|\band\b|\bor\b|\\\\")  # ", and or ; \\" (align rows)
 
 
 def final_boxes(text: str) -> list[str]:
@@ -145,8 +145,7 @@ def final_boxes(text: str) -> list[str]:
         gap = text[prev[1] : run[0][0]].lstrip("}")
         if "\n\n" in gap or len(gap) > 80:
             break
-        # The joiner may come after "x = " style text too: look for it anywhere in the gap.
-        if not (_BOX_JOINER_RE.match(gap) or re.search(r",|\band\b|\bor\b|\\\\", gap)):
+        if not _BOX_JOINER_RE.search(gap):  # anywhere: "$ and $x = " joins too
             break
         run.insert(0, prev)
     return [c for _, _, c in run]
