@@ -5,6 +5,8 @@
 1. Qwen2.5-Math ``math_cot_100.jsonl``: 800 responses with Qwen's grader verdicts (``score``).
 2. OpenAI GSM8K ``example_model_solutions.jsonl``: 4 x 1319 solutions with ``is_correct`` labels.
 3. MATH500 gold solutions graded against their own ``answer`` field (should all be correct).
+4. The fault kinds of issue 17 (``tests/test_grading_kinds.py``): answer pairs and whole
+   responses per kind, right / total for tirforge and for math-verify alone.
 
 "math-verify alone" = ``verify(parse(gold), parse(response))`` with math-verify's default
 extraction, the usual way to call it. Throughput is responses/s on one core with cold caches.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from math_verify import parse, verify
 
-from tirforge.trajectories import grading
+from tirforge.trajectories import grading, symbolic
 from tirforge.trajectories.datasets import data_root
 
 Case = tuple[str, str, bool]  # (response, bare reference, label)
@@ -65,7 +67,8 @@ def math_verify_alone(response: str, ref: str) -> bool:
 def run(name: str, cases: list[Case], judge: Callable[[str, str], bool], repeat: int) -> dict:
     best, verdicts = float("inf"), []
     for _ in range(repeat):
-        grading._mv_parse.cache_clear()  # cold cache each pass: fair against math-verify
+        grading.normalize.cache_clear()  # cold caches each pass: fair against math-verify
+        symbolic.parse_strict.cache_clear()
         t0 = time.perf_counter()
         verdicts = [judge(resp, ref) for resp, ref, _ in cases]
         best = min(best, time.perf_counter() - t0)
@@ -74,6 +77,30 @@ def run(name: str, cases: list[Case], judge: Callable[[str, str], bool], repeat:
               if v != label]
     return {"name": name, "n": len(cases), "agree": agree, "rate": len(cases) / best,
             "misses": misses, "correct": sum(verdicts)}
+
+
+def kind_table() -> None:
+    """Right / total per fault kind, tirforge vs math-verify alone (same cases as the tests)."""
+    from tirforge.tests import test_grading_kinds as kinds
+
+    rows: list[tuple[str, int, int, int]] = []
+    for name, cases in kinds.ALL_KINDS.items():
+        ours_ok = sum(grading.answers_equal(p, r) is e for p, r, e, _ in cases)
+        mv_ok = sum(math_verify_alone("$" + p + "$", r) is e for p, r, e, _ in cases)
+        rows.append((f"answers: {name}", len(cases), ours_ok, mv_ok))
+    for name, cases in (("cues", kinds.CUES), ("echoed boxes", kinds.ECHOED_BOXES)):
+        ours_ok = sum(grading.extract_answer(t) == e for t, e, _ in cases)
+        mv_ok = sum(math_verify_alone(t, e) for t, e, _ in cases)  # extracted value is right
+        rows.append((f"extraction: {name}", len(cases), ours_ok, mv_ok))
+    several = kinds.SEVERAL_BOXES
+    ours_ok = sum(grading.grade(t, r) == v for t, r, v, _ in several)
+    mv_ok = sum(math_verify_alone(t, r) is (v == "correct") for t, r, v, _ in several)
+    rows.append(("extraction: several boxes vs a set", len(several), ours_ok, mv_ok))
+    print(f"\n{'fault kind (issue 17)':40} {'cases':>5} {'tirforge':>9} {'math-verify':>12}")
+    for name, n, a, b in rows:
+        print(f"{name:40} {n:>5} {a:>9} {b:>12}")
+    total = [sum(r[i] for r in rows) for i in (1, 2, 3)]
+    print(f"{'all':40} {total[0]:>5} {total[1]:>9} {total[2]:>12}")
 
 
 def main() -> None:
@@ -102,6 +129,7 @@ def main() -> None:
     for i, _ in r["misses"][: args.show]:
         resp, ref, _ = gold[i]
         print(f"  miss #{i}: ref={ref!r} pred={grading.extract_answer(resp)!r}")
+    kind_table()
 
 
 if __name__ == "__main__":

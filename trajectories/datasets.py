@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from tirforge.trajectories import hub
 from tirforge.trajectories.grading import extract_boxed, reference_answer
+from tirforge.trajectories.references import boxed_reference
 
 __all__ = [
     "DATASETS", "DatasetNotFoundError", "FieldMap", "Problem", "data_root", "load_dataset",
@@ -254,6 +255,8 @@ def row_to_problem(row: dict, fm: FieldMap, pid: str, where: str) -> Problem:
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{where}: cannot read answer {row.get(a)!r}: {e}") from e
             if ref:
+                if fm.answer_format == "boxed":  # several boxes: trajectories/references.py
+                    ref = boxed_reference(str(row[a]), text, row.get("idx"))
                 break
         if ref is None and fm.answer_required:
             raise ValueError(f"{where}: empty answer in field(s) {afields}")
