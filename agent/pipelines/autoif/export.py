@@ -2,11 +2,11 @@
 
 Files written to ``8_export/`` (atomically):
 - ``sft.jsonl``: ``messages`` rows of responses with pass rate >= ``sft_threshold``
-  (``tirforge train sft --data``);
+  (``tirforge train sft --train-file``);
 - ``dpo_pairs.jsonl``: TRL conversational preference rows (prompt / chosen / rejected): chosen
   pass rate >= ``dpo_chosen_min``, rejected pass rate == 0, same query and instruction;
 - ``dpo.jsonl``: the trajectories of those pairs, chosen graded ``correct`` and rejected
-  ``incorrect`` (``tirforge train dpo --data``, which pairs them per prompt the same way).
+  ``incorrect`` (``tirforge train dpo --train-file``, which pairs them per prompt the same way).
 """
 
 from __future__ import annotations
