@@ -123,16 +123,18 @@ def stage_verifiers(paths: Paths, backend: Any, cfg: AutoIFConfig) -> dict[str, 
             texts = [c.text for _, comps in
                      generate_batches(backend, reqs, params(cfg), cfg.max_batch) for c in comps]
             for n, instr in enumerate(group):
-                drafts, bad = [], 0
+                drafts, bad, samples = [], 0, []
                 for text in texts[n * k : (n + 1) * k]:
                     try:
                         d = parse_verifier(text)
                     except BadJSON:
                         bad += 1
+                        samples.append(text[:300])  # what the model wrote instead, for reports
                         continue
                     drafts.append({"function": d.function, "cases": d.cases})
                 out.add({"id": instr["id"], "instruction": instr["instruction"],
-                         "generations": k, "bad_json": bad, "drafts": drafts})
+                         "generations": k, "bad_json": bad, "drafts": drafts,
+                         "bad_samples": samples})
     recs = jsonl.read(paths.verifiers)
     return {"instructions": len(recs),
             "generations": sum(r["generations"] for r in recs),
