@@ -139,6 +139,26 @@ def test_stages_filters_pass_rates_and_dpo_rule(pool, inputs):
     trained_pairs = preference_pairs(load_records(paths.export / "dpo.jsonl"))
     assert {(c.steps[0].text, r.steps[0].text) for c, r in trained_pairs} == {
         ("hello world", "Hello World"), ("123 456", "Hello World")}
+    _train_on_export(paths, work.parent)
+
+
+def _train_on_export(paths: Paths, tmp: Path) -> None:
+    """``tirforge train sft|dpo`` build their datasets from the export and take a step."""
+    from tirforge.training.dpo import DPOTrainConfig
+    from tirforge.training.dpo import make_trainer as dpo_trainer
+    from tirforge.training.sft import SFTTrainConfig
+    from tirforge.training.sft import make_trainer as sft_trainer
+
+    from .training_utils import tiny_model_dir
+
+    common = dict(model=tiny_model_dir(tmp), max_steps=1, per_device_train_batch_size=2,
+                  logging_steps=1, save_steps=100, report_to=["none"])
+    sft = sft_trainer(SFTTrainConfig(train_file=str(paths.export / "sft.jsonl"),
+                                     output_dir=str(tmp / "sft"), **common))
+    dpo = dpo_trainer(DPOTrainConfig(train_file=str(paths.export / "dpo.jsonl"),
+                                     output_dir=str(tmp / "dpo"), **common))
+    assert len(sft.train_dataset) == 1 and len(dpo.train_dataset) == 2
+    assert dpo.train().training_loss > 0
 
 
 class Boom(RuntimeError):
