@@ -257,3 +257,20 @@ def test_shipped_seeds_and_queries():
     seeds = load_seeds()
     assert 28 <= len(seeds) <= 40 and len({s["id"] for s in seeds}) == len(seeds)
     assert len(load_queries()) >= 20
+
+
+def test_queries_from_a_saved_dataset_and_text_seeds(tmp_path):
+    import datasets
+
+    from tirforge.agent.pipelines.autoif.instructions import load_seeds
+    from tirforge.agent.pipelines.autoif.responses import load_queries
+
+    datasets.Dataset.from_list([{"prompt": "Hi there."}, {"prompt": "  "}]).save_to_disk(
+        str(tmp_path / "ds"))
+    assert load_queries(tmp_path / "ds", field="prompt") == ["Hi there."]
+    with pytest.raises(ValueError, match="no string field 'query'"):
+        load_queries(tmp_path / "ds")
+    txt = tmp_path / "seeds.txt"
+    txt.write_text("Answer in lowercase.\n\nUse no commas.\n")
+    assert [s["instruction"] for s in load_seeds(txt)] == ["Answer in lowercase.",
+                                                          "Use no commas."]
