@@ -32,6 +32,9 @@ register_train_commands(app)  # train sft|rm|dpo|grpo, score
 from tirforge.apps.loop import register as register_loop_command  # noqa: E402
 
 register_loop_command(app)  # loop
+from tirforge.apps.autoif import register as register_autoif_command  # noqa: E402
+
+register_autoif_command(app)  # autoif
 console = Console()
 
 
