@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+)
 from transformers.utils import logging as hf_logging
 
 from tirforge.agent.backends.base import Completion, Request, SamplingParams
@@ -35,6 +41,36 @@ class _StopWhen(StoppingCriteria):
             if req.stop is not None:
                 done[i] = req.stop(text)
         return done
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records each sampled token's log-probability under the distribution it was drawn from.
+
+    Runs last among the logits processors, so ``scores`` are already temperature- and
+    top-p-processed (what ``generate`` samples from). At step t it sees the token sampled at
+    step t-1 and gathers its log-probability from the previous step's scores: one (batch,
+    vocab) tensor is kept, never the whole ``output_scores`` history.
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []  # each (batch,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def table(self, out: torch.Tensor, prompt_len: int) -> list[list[float]]:
+        """Per row, the log-probabilities of ``out[:, prompt_len:]`` (padding rows included)."""
+        steps = list(self.steps)
+        if self.prev is not None and out.shape[1] - prompt_len > len(steps):
+            last = out[:, prompt_len + len(steps)].unsqueeze(1)
+            steps.append(self.prev.gather(1, last).squeeze(1))
+        if not steps:
+            return [[] for _ in range(out.shape[0])]
+        return torch.stack(steps, dim=1).tolist()
 
 
 class TransformersBackend:
@@ -85,6 +121,7 @@ class TransformersBackend:
         if seed is not None:
             torch.manual_seed(seed)
         sample = params.temperature > 0
+        recorder = _SampledLogprobs()
         out = self.model.generate(
             **enc,
             max_new_tokens=params.max_new_tokens,
@@ -93,19 +130,22 @@ class TransformersBackend:
             top_p=params.top_p if sample else None,
             top_k=None,
             stopping_criteria=[_StopWhen(self.tokenizer, prompt_len, requests)],
+            logits_processor=LogitsProcessorList([recorder]),
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        logprobs = recorder.table(out, prompt_len)
         eos_ids = self.model.generation_config.eos_token_id
         eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
         eos_ids.add(self.tokenizer.eos_token_id)
+        cut = eos_ids | {self.tokenizer.pad_token_id}  # a finished row is padded
         completions = []
         for i, req in enumerate(requests):
             new = out[i, prompt_len:].tolist()
             # Trim padding after an early-finished row; remember whether it ended on EOS.
             n, hit_eos = len(new), False
             for j, t in enumerate(new):
-                if t in eos_ids:
-                    n, hit_eos = j, True
+                if t in cut:
+                    n, hit_eos = j, t in eos_ids
                     break
             text = self.tokenizer.decode(new[:n], skip_special_tokens=True)
             if req.stop is not None and req.stop(text):
@@ -114,5 +154,10 @@ class TransformersBackend:
                 reason = "eos"
             else:
                 reason = "length"
-            completions.append(Completion(text=text, finish_reason=reason, n_tokens=n))
+            # The EOS the model chose belongs to its ids; padding after a stopped row does not.
+            kept = n + 1 if reason == "eos" else n
+            completions.append(Completion(
+                text=text, finish_reason=reason, n_tokens=n,
+                token_ids=new[:kept], logprobs=logprobs[i][:kept],
+            ))
         return completions

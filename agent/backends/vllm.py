@@ -149,10 +149,11 @@ class VLLMBackend:
                 if stopped and not out.finished:
                     self.engine.abort_request([out.request_id])
                 if stopped or out.finished:
-                    done[slot] = self._completion(req, o, stopped)
+                    done[slot] = self._completion(req, out, stopped)
         return [done[i] for i in range(len(jobs))]
 
-    def _completion(self, req: Request, o: Any, stopped: bool) -> Completion:
+    def _completion(self, req: Request, out: Any, stopped: bool) -> Completion:
+        o = out.outputs[0]
         if stopped:
             reason = "stop"
         elif o.finish_reason == "length":
@@ -165,6 +166,9 @@ class VLLMBackend:
         lps = None
         if o.logprobs is not None:
             lps = [float(step[t].logprob) for t, step in zip(ids, o.logprobs, strict=False)]
+        # Prompt tokens served from the prefix cache: a later TIR turn reuses the earlier ones.
+        cached = getattr(out, "num_cached_tokens", None)
         return Completion(
-            text=o.text, finish_reason=reason, n_tokens=len(ids), token_ids=ids, logprobs=lps
+            text=o.text, finish_reason=reason, n_tokens=len(ids), token_ids=ids, logprobs=lps,
+            extra={"cached_tokens": cached},
         )
