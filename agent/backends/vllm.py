@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from typing import Any
 
 from tirforge.agent.backends.base import Completion, Request, SamplingParams
@@ -95,6 +96,8 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
         self._ids = itertools.count()
+        # generate() steps the engine itself: two concurrent calls would take each other's outputs.
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the engine core process and its workers (frees the GPU for training)."""
@@ -119,7 +122,12 @@ class VLLMBackend:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         """``len(requests) * params.n`` completions, the samples of one request together.
         Sample ``i`` of a request with seed ``s`` is seeded ``s + i`` (as the openai
-        backend), so every sample is reproducible on its own."""
+        backend), so every sample is reproducible on its own. Concurrent calls run one after
+        the other (the engine batches within a call)."""
+        with self._lock:
+            return self._generate(requests, params)
+
+    def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         jobs: dict[str, tuple[int, Request]] = {}
         for k, req in enumerate(requests):
             ids = self.tokenizer.encode(self.render(req), add_special_tokens=False)
