@@ -158,6 +158,22 @@ class TestEngine:
         (c,) = engine.generate([req], SamplingParams(max_new_tokens=40))
         assert len(chunks) > 3 and "".join(chunks) == c.text
 
+    def test_a_failed_call_leaves_the_engine_clean(self, engine):
+        too_long = Request(messages=[{"role": "user", "content": "seven " * (MAX_LEN + 10)}])
+        with pytest.raises(ValueError):  # longer than max_model_len: rejected, clearly
+            engine.generate([tir_requests()[0], too_long], SamplingParams(max_new_tokens=8))
+
+        def boom(text: str) -> None:
+            raise KeyError("listener failed")
+
+        req = tir_requests()[1]
+        req.on_text = boom
+        with pytest.raises(KeyError):
+            engine.generate([req, tir_requests()[2]], SamplingParams(max_new_tokens=8))
+        assert not engine.engine.has_unfinished_requests()  # nothing left generating
+        (c,) = engine.generate(tir_requests()[:1], SamplingParams(max_new_tokens=8))
+        assert c.n_tokens == 8
+
     def test_two_turn_trajectory_through_the_graph(self, engine, hf):
         from tirforge.agent.graph import AgentConfig, solve
         from tirforge.executors import ExecutorConfig, make_executor

@@ -129,17 +129,27 @@ class VLLMBackend:
 
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         jobs: dict[str, tuple[int, Request]] = {}
-        for k, req in enumerate(requests):
-            ids = self.tokenizer.encode(self.render(req), add_special_tokens=False)
-            seed = req.seed if req.seed is not None else params.seed
-            for i in range(params.n):
-                rid = f"tirforge-{next(self._ids)}"
-                s = None if seed is None else seed + i
-                # Token ids, not text: the chat template already holds the special tokens.
-                sp = self._params(req, params, s)
-                self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
-                jobs[rid] = (k * params.n + i, req)
         done: dict[int, Completion] = {}
+        try:
+            for k, req in enumerate(requests):
+                ids = self.tokenizer.encode(self.render(req), add_special_tokens=False)
+                seed = req.seed if req.seed is not None else params.seed
+                for i in range(params.n):
+                    rid = f"tirforge-{next(self._ids)}"
+                    sp = self._params(req, params, None if seed is None else seed + i)
+                    # Token ids, not text: the chat template already holds the special tokens.
+                    # Raises ValueError for a prompt longer than the engine's max_model_len.
+                    self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+                    jobs[rid] = (k * params.n + i, req)
+            self._run(jobs, done)
+        finally:  # an error or interrupt must not leave requests generating in the engine
+            left = [r for r, (slot, _) in jobs.items() if slot not in done]
+            if left:
+                self.engine.abort_request(left)
+        return [done[i] for i in range(len(jobs))]
+
+    def _run(self, jobs: dict[str, tuple[int, Request]], done: dict[int, Completion]) -> None:
+        """Step the engine until every job is done; stop callables are checked per token."""
         sent = dict.fromkeys(jobs, 0)
         while len(done) < len(jobs):
             if not self.engine.has_unfinished_requests():
@@ -158,7 +168,6 @@ class VLLMBackend:
                     self.engine.abort_request([out.request_id])
                 if stopped or out.finished:
                     done[slot] = self._completion(req, out, stopped)
-        return [done[i] for i in range(len(jobs))]
 
     def _completion(self, req: Request, out: Any, stopped: bool) -> Completion:
         o = out.outputs[0]
