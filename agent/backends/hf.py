@@ -11,6 +11,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
 )
 from transformers.utils import logging as hf_logging
 
@@ -46,20 +48,27 @@ class _StopWhen(StoppingCriteria):
 class _SampledLogprobs(LogitsProcessor):
     """Records each sampled token's log-probability under the distribution it was drawn from.
 
-    Runs last among the logits processors, so ``scores`` are already temperature- and
-    top-p-processed (what ``generate`` samples from). At step t it sees the token sampled at
-    step t-1 and gathers its log-probability from the previous step's scores: one (batch,
-    vocab) tensor is kept, never the whole ``output_scores`` history.
+    ``generate`` applies its sampling warpers (temperature, top-p) after custom processors,
+    so this one applies the same two itself to what it records (greedy: the raw softmax),
+    leaving ``scores`` untouched. At step t it sees the token sampled at step t-1 and gathers
+    its log-probability from the previous step's distribution: one (batch, vocab) tensor is
+    kept, never the whole ``output_scores`` history.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        self.warpers = LogitsProcessorList()
+        if temperature > 0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
         self.prev: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []  # each (batch,)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prev is not None:
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        warped = self.warpers(input_ids, scores.float())
+        self.prev = torch.log_softmax(warped, dim=-1)
         return scores
 
     def table(self, out: torch.Tensor, prompt_len: int) -> list[list[float]]:
@@ -121,7 +130,7 @@ class TransformersBackend:
         if seed is not None:
             torch.manual_seed(seed)
         sample = params.temperature > 0
-        recorder = _SampledLogprobs()
+        recorder = _SampledLogprobs(params.temperature, params.top_p)
         out = self.model.generate(
             **enc,
             max_new_tokens=params.max_new_tokens,
