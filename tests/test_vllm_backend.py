@@ -237,7 +237,7 @@ def server(model_path, tmp_path_factory):
     exe = Path(sys.executable).with_name("vllm")
     cmd = [str(exe), "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_LEN),
-           "--enable-prefix-caching"]
+           "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs"]
     t0 = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
