@@ -74,10 +74,16 @@ def test_runner_batches_give_the_same_trajectories(backend):
     cfg = AgentConfig(format="qwen-cot", sampling=SamplingParams(max_new_tokens=16))
     one_by_one = [solve(p, backend, None, cfg) for p in PROMPTS]
     batched = run_many(PROMPTS, backend, None, cfg, RunnerConfig(max_batch=8))
+    # Same texts and sampled ids; log-probabilities agree up to batched (padded) float error.
     assert [t.steps for t in batched] == [
-        [s.model_copy(update={"gen_s": b.gen_s}) for s, b in zip(t.steps, bt.steps, strict=True)]
+        [s.model_copy(update={"gen_s": b.gen_s, "logprobs": b.logprobs})
+         for s, b in zip(t.steps, bt.steps, strict=True)]
         for t, bt in zip(one_by_one, batched, strict=True)
     ]
+    for t, bt in zip(one_by_one, batched, strict=True):
+        for s, b in zip(t.steps, bt.steps, strict=True):
+            assert s.token_ids and len(s.logprobs) == len(s.token_ids)
+            assert b.logprobs == pytest.approx(s.logprobs, abs=1e-3)
     assert all(len(t.steps) == 2 for t in batched)
 
 

@@ -39,6 +39,14 @@ class Step(BaseModel):
     """A reflect / self-correction instruction appended after the output (None: none)."""
     gen_s: float = 0.0
     """Seconds spent generating ``text``."""
+    token_ids: list[int] | None = None
+    """The token ids the model sampled this turn, verbatim (``Completion.token_ids``), up to and
+    including the token that completed ``text`` (a turn cut at its closing fence keeps the
+    token that closed it; a turn the model ended keeps its EOS). None: the backend did not
+    report them. GRPO trains on these, never on a re-tokenisation of ``text``."""
+    logprobs: list[float] | None = None
+    """Log-probability of each of ``token_ids`` under the sampling distribution (same length),
+    or None when the backend did not report them."""
 
 
 class Trajectory(BaseModel):

@@ -48,6 +48,10 @@ class Request:
     """This request's sampling seed, overriding ``SamplingParams.seed``, so that requests with
     different seeds can share one batch. Servers and vLLM honour it per request; the
     transformers backend seeds a batch with its first row's seed."""
+    pieces: list[tuple[str, list[int] | None]] | None = None
+    """``prefix`` as (text, sampled token ids or None) pieces (``trajectories.tokens``): a
+    backend that tokenises itself feeds the model's own earlier ids verbatim and tokenises only
+    the text between them (token in, token out); None: tokenise ``prefix`` as text."""
     tag: str = ""
     """Which trajectory the request belongs to ("problem id#sample@run", unique within a
     process), for backends that keep per-trajectory state (replay scripts) and for logs."""

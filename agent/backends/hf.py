@@ -18,6 +18,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from tirforge.agent.backends.base import Completion, Request, SamplingParams
+from tirforge.trajectories.tokens import prompt_ids
 
 
 class _StopWhen(StoppingCriteria):
@@ -103,6 +104,8 @@ class TransformersBackend:
             self.device = str(next(model.parameters()).device)
             self.tokenizer = copy.copy(tokenizer)
             self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
             self.load_s = 0.0
             return
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,11 +144,17 @@ class TransformersBackend:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         if params.n > 1:  # samples of one request sit next to each other
             requests = [r for r in requests for _ in range(params.n)]
-        prompts = [self.render(r) for r in requests]
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
-        prompt_len = enc["input_ids"].shape[1]
+        # Token in: each row's ids are its earlier turns' sampled ids verbatim (Request.pieces),
+        # never a re-tokenisation of their decoded text; left-padded into one batch.
+        rows = [prompt_ids(r.messages, r.pieces, r.prefix, self.tokenizer) for r in requests]
+        prompt_len = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        enc = {
+            "input_ids": torch.tensor([[pad] * (prompt_len - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor(
+                [[0] * (prompt_len - len(r)) + [1] * len(r) for r in rows]),
+        }
+        enc = {k: v.to(self.device) for k, v in enc.items()}
         # One generator for the whole batch: the first row's seed stands for all of them.
         seed = next((r.seed for r in requests if r.seed is not None), params.seed)
         if seed is not None:
