@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from tirforge.trajectories.schema import Step, Trajectory
 from tirforge.trajectories.transcript import render_output
 
+
 def prefix_pieces(steps: Iterable[Step]) -> list[tuple[str, list[int] | None, bool]]:
     """The assistant transcript of ``steps`` (``transcript.render_prefix`` order) as
     (text, sampled ids or None, written by the model) pieces."""
