@@ -72,6 +72,7 @@ def decompose_request(state: AgentState, cfg: AgentConfig) -> tuple[Request, Sam
     req = Request(
         messages=state["messages"],
         prefix=cfg.fmt.decompose_prompt or "",
+        pieces=[(cfg.fmt.decompose_prompt, None)] if cfg.fmt.decompose_prompt else [],
         stop=lambda t: "```" in t or "\n\n" in t.strip("\n"),
         stop_strings=("```", "\n\n"),
     )
@@ -99,8 +100,9 @@ def _apply_plan(state: AgentState, cfg: AgentConfig, c: Completion, dt: float) -
         at = plan.find(cut, 1 if cut == "\n\n" else 0)
         plan = plan[:at] if at >= 0 else plan
     fmt = cfg.fmt
-    step = Step(text=(fmt.decompose_prompt or "") + plan.rstrip(), feedback=fmt.after_decompose,
-                gen_s=_gen_s(c, dt))
+    lead = fmt.decompose_prompt or ""
+    step = Step(text=lead + plan.rstrip(), feedback=fmt.after_decompose, gen_s=_gen_s(c, dt),
+                token_ids=c.token_ids, logprobs=c.logprobs, sampled_from=len(lead))
     _emit("reflection", "decompose", step.text)
     return {**_counts(state, c, dt), "steps": [*state["steps"], step], "event": "plan"}
 

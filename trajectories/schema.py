@@ -44,6 +44,9 @@ class Step(BaseModel):
     including the token that completed ``text`` (a turn cut at its closing fence keeps the
     token that closed it; a turn the model ended keeps its EOS). None: the backend did not
     report them. GRPO trains on these, never on a re-tokenisation of ``text``."""
+    sampled_from: int = 0
+    """Offset in ``text`` where the sampled ids begin: text before it was written by the agent
+    (a decomposition lead-in), fed to the model as a prompt, not sampled."""
     logprobs: list[float] | None = None
     """Log-probability of each of ``token_ids`` under the sampling distribution (same length),
     or None when the backend did not report them."""

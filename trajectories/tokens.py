@@ -32,7 +32,9 @@ def prefix_pieces(steps: Iterable[Step]) -> list[tuple[str, list[int] | None, bo
     (text, sampled ids or None, written by the model) pieces."""
     out: list[tuple[str, list[int] | None, bool]] = []
     for s in steps:
-        out.append((s.text, s.token_ids, True))
+        if s.sampled_from:  # agent-written lead-in (decomposition prompt): fed, not sampled
+            out.append((s.text[: s.sampled_from], None, False))
+        out.append((s.text[s.sampled_from :], s.token_ids, True))
         if s.output is not None:
             out.append((render_output(s.output), None, False))
         if s.feedback:
@@ -139,10 +141,12 @@ def turn_prompts(traj: Trajectory, tokenizer, chat_template: str | None = None,
     """For each model turn k of ``traj``, the prompt ids the model was fed before it: the token
     stream of steps[:k] (``token_in``), or the re-tokenised text (a text-only backend)."""
     out = []
-    for k in range(len(traj.steps)):
-        done = traj.steps[:k]
-        pieces = request_pieces(done) if token_in else None
-        prefix = "".join(t for t, *_ in prefix_pieces(done))
+    for k, step in enumerate(traj.steps):
+        done = request_pieces(traj.steps[:k])
+        if step.sampled_from:  # the turn's request ended with its agent-written lead-in
+            done.append((step.text[: step.sampled_from], None))
+        pieces = done if token_in else None
+        prefix = "".join(t for t, _ in done)
         out.append(prompt_ids(traj.messages, pieces, prefix, tokenizer, chat_template))
     return out
 
@@ -156,8 +160,9 @@ def prefix_violations(traj: Trajectory, tokenizer, chat_template: str | None = N
     bad = []
     for k in range(len(traj.steps) - 1):
         s = traj.steps[k]
-        mine = (turn_ids(tokenizer, s.text, s.token_ids) if s.token_ids is not None
-                else encode(tokenizer, s.text))
+        text = s.text[s.sampled_from :]
+        mine = (turn_ids(tokenizer, text, s.token_ids) if s.token_ids is not None
+                else encode(tokenizer, text))
         want = prompts[k] + mine
         if prompts[k + 1][: len(want)] != want:
             bad.append(k)
