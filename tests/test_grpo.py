@@ -181,6 +181,7 @@ def test_agent_rollouts_run_the_kernel_in_the_loop(tmp_path):
     assert sorted(t.final_answer for t in seen) == ["41", "41", "42", "42"]
     rewards = [h for h in trainer.state.log_history if "reward" in h]
     assert rewards and rewards[0]["reward"] == 0.5
+    assert rewards[0]["tir/code_cells"] == 1.0 and rewards[0]["tir/infra_faults"] == 0.0
     ex = rollout_example(seen[0], trainer.processing_class, cfg)
     scored = trainer.processing_class.decode(
         [i for i, k in zip(ex["completion_ids"], ex["env_mask"], strict=True) if k]
