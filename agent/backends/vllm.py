@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from tirforge.agent.backends.base import Completion, Request, SamplingParams
+from tirforge.trajectories.tokens import prompt_ids
 
 INSTALL_HINT = (
     "the vllm backend needs vLLM: on a CUDA GPU pip install 'tirforge[gpu]', on a CPU "
@@ -132,7 +133,8 @@ class VLLMBackend:
         done: dict[int, Completion] = {}
         try:
             for k, req in enumerate(requests):
-                ids = self.tokenizer.encode(self.render(req), add_special_tokens=False)
+                # Token in: earlier turns' sampled ids verbatim (Request.pieces).
+                ids = prompt_ids(req.messages, req.pieces, req.prefix, self.tokenizer)
                 seed = req.seed if req.seed is not None else params.seed
                 for i in range(params.n):
                     rid = f"tirforge-{next(self._ids)}"
