@@ -159,6 +159,7 @@ def run_grpo(cfg: Any, problems: str | Path) -> str:
         with kernel:
             return grpo.train(cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
     runner = RunnerConfig(max_concurrency=cfg.pool_size, max_batch=cfg.max_batch)
-    with KernelPool(exec_cfg, size=cfg.pool_size) as pool:  # starts every kernel
+    # starts every kernel; the factory looked up now (tests replace it)
+    with KernelPool(exec_cfg, size=cfg.pool_size, factory=make_executor) as pool:
         return grpo.train(cfg, agent_rollout(agent_cfg, pool, problem_of, runner_cfg=runner),
                           rows)
