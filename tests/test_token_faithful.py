@@ -168,3 +168,30 @@ def test_concurrent_rollouts_share_model_calls(pool):
     assert [t.problem for t in trajs] == problems  # order kept
     assert all(t.steps[0].output.strip() == "42" for t in trajs)
     assert max(backend.batch_sizes) > 1  # model calls of different rollouts were batched
+
+
+def test_a_rollout_that_raises_is_an_infra_fault_not_a_zero_reward(pool):
+    tok = tokenizer()
+    cfg = AgentConfig(max_turns=2)
+    problems = ["What is 6 times 7?", "BROKEN: what is 5 times 7?"]
+    prompts = [cfg.fmt.build_messages(p, hint=cfg.tool_hint) for p in problems]
+    inner = SpellingBackend(tok, SCRIPTS["qwen-tir"])
+
+    class Flaky:
+        name = "flaky"
+
+        def generate(self, requests, params):
+            if any("BROKEN" in r.messages[-1]["content"] for r in requests):
+                raise ConnectionError("engine died")
+            return inner.generate(requests, params)
+
+    rollout = agent_rollout(cfg, pool, {prompt_key(m): p for m, p in zip(prompts, problems,
+                                                                          strict=True)},
+                            backend_factory=lambda m, t: Flaky(),
+                            runner_cfg=RunnerConfig(max_concurrency=2, max_batch=1))
+    trajs = rollout(prompts, None, tok)
+    assert trajs[0].final_answer == "42" and trajs[1].stop_reason == "error"
+    assert "ConnectionError" in trajs[1].sampling["error"]
+    out, stats = rollout_batch(trajs, tok, 1000)
+    assert out["excluded"] == [None, "infra"] and stats["tir/infra_faults"] == 1.0
+    assert sum(out["env_mask"][1]) == 0 and sum(out["env_mask"][0]) > 0
