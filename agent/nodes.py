@@ -20,6 +20,7 @@ from tirforge.agent.state import AgentConfig, AgentEvent, AgentState, Event, Eve
 from tirforge.executors.result import ExecutionResult
 from tirforge.trajectories.grading import extract_boxed
 from tirforge.trajectories.schema import Step
+from tirforge.trajectories.tokens import request_pieces
 
 
 def _emit(kind: EventKind, node: str, text: str = "") -> None:
@@ -61,6 +62,7 @@ def generate_request(state: AgentState, cfg: AgentConfig) -> tuple[Request, Samp
         prefix=fmt.render_prefix(state["steps"]),
         stop=fmt.stop if fmt.uses_tools else None,
         stop_strings=fmt.stop_strings,
+        pieces=request_pieces(state["steps"]),  # token in: earlier turns' sampled ids
     )
     return req, _params(state, cfg, cfg.sampling.max_new_tokens)
 
@@ -70,6 +72,7 @@ def decompose_request(state: AgentState, cfg: AgentConfig) -> tuple[Request, Sam
     req = Request(
         messages=state["messages"],
         prefix=cfg.fmt.decompose_prompt or "",
+        pieces=[(cfg.fmt.decompose_prompt, None)] if cfg.fmt.decompose_prompt else [],
         stop=lambda t: "```" in t or "\n\n" in t.strip("\n"),
         stop_strings=("```", "\n\n"),
     )
@@ -97,8 +100,9 @@ def _apply_plan(state: AgentState, cfg: AgentConfig, c: Completion, dt: float) -
         at = plan.find(cut, 1 if cut == "\n\n" else 0)
         plan = plan[:at] if at >= 0 else plan
     fmt = cfg.fmt
-    step = Step(text=(fmt.decompose_prompt or "") + plan.rstrip(), feedback=fmt.after_decompose,
-                gen_s=_gen_s(c, dt))
+    lead = fmt.decompose_prompt or ""
+    step = Step(text=lead + plan.rstrip(), feedback=fmt.after_decompose, gen_s=_gen_s(c, dt),
+                token_ids=c.token_ids, logprobs=c.logprobs, sampled_from=len(lead))
     _emit("reflection", "decompose", step.text)
     return {**_counts(state, c, dt), "steps": [*state["steps"], step], "event": "plan"}
 
@@ -109,7 +113,8 @@ def _apply_turn(state: AgentState, cfg: AgentConfig, c: Completion, dt: float) -
         text, code, event = c.text, None, "answer"
     if code is not None:
         _emit("code", "generate", code)
-    step = Step(text=text, code=code, gen_s=_gen_s(c, dt))
+    step = Step(text=text, code=code, gen_s=_gen_s(c, dt), token_ids=c.token_ids,
+                logprobs=c.logprobs)
     return {**_counts(state, c, dt), "steps": [*state["steps"], step], "event": event}
 
 

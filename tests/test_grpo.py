@@ -181,6 +181,7 @@ def test_agent_rollouts_run_the_kernel_in_the_loop(tmp_path):
     assert sorted(t.final_answer for t in seen) == ["41", "41", "42", "42"]
     rewards = [h for h in trainer.state.log_history if "reward" in h]
     assert rewards and rewards[0]["reward"] == 0.5
+    assert rewards[0]["tir/code_cells"] == 1.0 and rewards[0]["tir/infra_faults"] == 0.0
     ex = rollout_example(seen[0], trainer.processing_class, cfg)
     scored = trainer.processing_class.decode(
         [i for i, k in zip(ex["completion_ids"], ex["env_mask"], strict=True) if k]
@@ -211,3 +212,72 @@ def test_cli_train_grpo_runs_the_agent_with_the_live_policy(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli" / "model.safetensors").is_file()
+
+
+def _spelled(tok, text):  # valid ids for text, one per character: not what encode() gives
+    return [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
+
+
+def _faulted(result):
+    """``result`` marked as an infrastructure fault: the field the sandbox work adds, or (before
+    it lands) the same attribute set on the instance; the trainer reads it with getattr."""
+    if getattr(result, "fault", None) != "infra":
+        object.__setattr__(result, "fault", "infra")
+    return result
+
+
+def test_faults_and_void_turns_get_no_reward_and_no_gradient(tmp_path):
+    """Through TRL itself: the trainer receives the sampled ids verbatim (with their
+    logprobs); an infra-faulted and a void-turn rollout are out of the group statistics (the
+    two others' advantages are symmetric), have advantage 0 and no scored token; the step's
+    tir/* statistics are logged."""
+    from tirforge.executors.result import ExecutionResult
+
+    code = "print(6 * 7)"
+    turn = f"Go.\n```python\n{code}\n```"
+
+    def traj(answer, result=None, void=False):
+        steps = [Step(text=turn, code=code, output="42",
+                      execution=result or ExecutionResult(stdout="42\n"))]
+        if void:
+            steps.append(Step(text="Hmm, let me think.", feedback=" Please answer."))
+        steps.append(Step(text=f"\\boxed{{{answer}}}"))
+        return Trajectory(problem="p", messages=PROMPT, steps=steps, final_answer=str(answer))
+
+    def rollout(prompts, model, tok):
+        out = [traj(42), traj(41), traj(42, _faulted(ExecutionResult(error_name="KernelDied"))),
+               traj(42, void=True)]
+        for t in out:
+            for s in t.steps:
+                s.token_ids = _spelled(tok, s.text) + [tok.eos_token_id] * (s.code is None)
+                s.logprobs = [-0.5] * len(s.token_ids)
+        return out
+
+    cfg = _cfg(tmp_path, filter_void_turns=True, check_prefix_property=True)
+    trainer = make_trainer(cfg, rollout, [{"prompt": PROMPT, "reference": "42"}] * 4)
+    tok = trainer.processing_class
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(
+        [{"prompt": PROMPT, "reference": "42"} for _ in range(4)])
+    scored = batch["completion_mask"] * batch["tool_mask"]
+    row0 = batch["completion_ids"][0][scored[0].bool()].tolist()
+    want = _spelled(tok, turn) + _spelled(tok, "\\boxed{42}") + [tok.eos_token_id]
+    assert row0 == want and tok(tok.decode(want), add_special_tokens=False)["input_ids"] != want
+    lps = batch["sampling_per_token_logps"][0][scored[0].bool()]
+    assert torch.allclose(lps, torch.full_like(lps, -0.5))
+    adv = batch["advantages"]
+    assert adv[0] > 0 and torch.isclose(adv[0], -adv[1]) and adv[2] == 0 and adv[3] == 0
+    assert scored[2].sum() == 0 and scored[3].sum() == 0 and scored[1].sum() > 0
+    m = trainer._metrics["train"]
+    assert m["tir/infra_faults"] == [1.0] and m["tir/excluded"] == [2.0]
+    assert m["tir/void_turns"] == [0.25] and m["tir/code_cells"] == [1.0]
+    assert m["tir/retokenised_turns"] == [0.0] and 0 < m["tir/masked_fraction"][0] < 1
+    # Without the filter the void-turn rollout is scored like any other.
+    out, stats = rollout_batch_of(rollout([PROMPT] * 4, None, tok), tok)
+    assert out["excluded"] == [None, None, "infra", None] and stats["tir/excluded"] == 1.0
+
+
+def rollout_batch_of(trajs, tok):
+    from tirforge.training.rollout_batch import rollout_batch
+
+    return rollout_batch(trajs, tok, 128, filter_void_turns=False)

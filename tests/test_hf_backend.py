@@ -74,8 +74,35 @@ def test_runner_batches_give_the_same_trajectories(backend):
     cfg = AgentConfig(format="qwen-cot", sampling=SamplingParams(max_new_tokens=16))
     one_by_one = [solve(p, backend, None, cfg) for p in PROMPTS]
     batched = run_many(PROMPTS, backend, None, cfg, RunnerConfig(max_batch=8))
+    # Same texts and sampled ids; log-probabilities agree up to batched (padded) float error.
     assert [t.steps for t in batched] == [
-        [s.model_copy(update={"gen_s": b.gen_s}) for s, b in zip(t.steps, bt.steps, strict=True)]
+        [s.model_copy(update={"gen_s": b.gen_s, "logprobs": b.logprobs})
+         for s, b in zip(t.steps, bt.steps, strict=True)]
         for t, bt in zip(one_by_one, batched, strict=True)
     ]
+    for t, bt in zip(one_by_one, batched, strict=True):
+        for s, b in zip(t.steps, bt.steps, strict=True):
+            assert s.token_ids and len(s.logprobs) == len(s.token_ids)
+            assert b.logprobs == pytest.approx(s.logprobs, abs=1e-3)
     assert all(len(t.steps) == 2 for t in batched)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_token_ids_and_logprobs_match_a_forward_pass(backend, temperature):
+    """The recorded ids are the generated tokens and each log-probability is the one the
+    token was drawn with: a teacher-forced forward pass over prompt + ids gives the same
+    values (log-softmax of logits / temperature; top_p=1 keeps every token)."""
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=3)
+    outs = backend.generate(reqs("Let me"), params)
+    tok = backend.tokenizer
+    for req, c in zip(reqs("Let me"), outs, strict=True):
+        assert c.token_ids is not None and len(c.logprobs) == len(c.token_ids) > 0
+        assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+        prompt = tok(backend.render(req), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.inference_mode():
+            logits = backend.model(ids).logits[0, len(prompt) - 1 : -1].float()
+        if temperature > 0:
+            logits = logits / temperature
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None])
+        assert torch.allclose(torch.tensor(c.logprobs), want[:, 0], atol=1e-3), c.text

@@ -20,16 +20,21 @@ outcome RM's score of the whole trajectory: a correct answer always beats an inc
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tirforge.training import rollout_batch
 from tirforge.training.config import TrainConfig, load_tokenizer
-from tirforge.training.masking import IGNORE_INDEX, tokenize_trajectory
 from tirforge.trajectories.grading import Verdict, grade
 from tirforge.trajectories.schema import Trajectory
+from tirforge.trajectories.tokens import assert_prefix_property
+
+logger = logging.getLogger(__name__)
 
 Rollout = Callable[[list[list[dict]], Any, Any], list[Trajectory]]
 """(prompts as chat messages, live policy model, tokenizer) -> one trajectory per prompt."""
@@ -65,6 +70,26 @@ class GRPOTrainConfig(TrainConfig):
     """Local isolation: auto, bwrap or none (``ExecutorConfig.sandbox``)."""
     timeout: float = 10.0
     """Seconds a code cell may run before the kernel is interrupted (``ExecutorConfig.timeout``)."""
+    pool_size: int = 8
+    """Kernels in the rollout pool = rollouts in flight at once (``KernelPool`` size); each step's
+    rollouts run concurrently through ``agent.runner.run_many`` with batched model calls."""
+    max_batch: int = 32
+    """Model requests per batched generate call at most (``RunnerConfig.max_batch``)."""
+    max_rollout_tokens: int | None = None
+    """Tokens the model may generate in a whole rollout (``AgentConfig.max_tokens``; None: only
+    ``max_turns`` x ``max_new_tokens``). Each turn runs at most one code cell, so ``max_turns``
+    also caps the tool calls."""
+    max_output_chars: int = 1000
+    """Executor output shown to the model per cell, cut as head + tail
+    (``AgentConfig.max_output_chars``)."""
+    filter_void_turns: bool = False
+    """Exclude from rewards and loss a rollout with a turn that produced neither a closed code
+    block nor a boxed answer (SimpleTIR's void-turn filtering, arXiv:2509.02479)."""
+    check_prefix_property: bool = False
+    """Assert at run time that each turn's prompt extends the previous turn's prompt + sampled
+    ids (``trajectories.tokens.assert_prefix_property``); costs one tokenisation per turn."""
+    sequential_rollouts: bool = False
+    """Roll out one trajectory at a time on one kernel (the old path; benchmarks' baseline)."""
 
 
 def load_problems(path: str | Path, make_prompt: Callable[[str], list[dict]] | None = None):
@@ -90,50 +115,67 @@ def load_problems(path: str | Path, make_prompt: Callable[[str], list[dict]] | N
     return rows
 
 
-def rollout_example(traj: Trajectory, tokenizer, cfg: GRPOTrainConfig) -> dict[str, list[int]]:
-    """prompt_ids, completion_ids and env_mask (1 = model-written) of one trajectory."""
-    ex = tokenize_trajectory(traj, tokenizer, cfg.style)  # type: ignore[arg-type]
-    labelled = [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX]
-    if not labelled:  # the model wrote nothing: one masked token keeps the row well-formed
-        return {"prompt_ids": ex["input_ids"], "completion_ids": [tokenizer.eos_token_id],
-                "env_mask": [0]}
-    first, last = labelled[0], labelled[-1]
-    # Cut after the last model token: what follows is an unanswered output or template text.
-    end = min(last + 1, first + cfg.max_completion_length)
-    completion = ex["input_ids"][first:end]
-    mask = [int(lab != IGNORE_INDEX) for lab in ex["labels"][first:end]]
-    return {"prompt_ids": ex["input_ids"][:first], "completion_ids": completion, "env_mask": mask}
+def rollout_example(traj: Trajectory, tokenizer, cfg: GRPOTrainConfig) -> dict[str, list]:
+    """prompt_ids, completion_ids, env_mask (1 = sampled by the model) and logprobs of one
+    trajectory: the sampled ids verbatim (``training.rollout_batch.rollout_example``)."""
+    ex = rollout_batch.rollout_example(traj, tokenizer, cfg.max_completion_length, cfg.style)
+    ex.pop("retokenised")
+    return ex
 
 
 def make_rollout_func(rollout: Rollout, cfg: GRPOTrainConfig):
-    """Adapt a ``Rollout`` to TRL's ``rollout_func(prompts, trainer) -> dict``."""
+    """Adapt a ``Rollout`` to TRL's ``rollout_func(prompts, trainer) -> dict`` (keys:
+    prompt_ids, completion_ids, logprobs, env_mask, trajectory, excluded); logs the step's
+    ``tir/*`` statistics (``rollout_batch.batch_stats``) with TRL's own metrics."""
 
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
         model.eval()
+        t0 = time.perf_counter()
         try:
             trajs = rollout(prompts, model, trainer.processing_class)
         finally:
             model.train(was_training)
         if len(trajs) != len(prompts):
             raise RuntimeError(f"rollout returned {len(trajs)} trajectories for {len(prompts)}")
-        rows = [rollout_example(t, trainer.processing_class, cfg) for t in trajs]
-        return {
-            "prompt_ids": [r["prompt_ids"] for r in rows],
-            "completion_ids": [r["completion_ids"] for r in rows],
-            "env_mask": [r["env_mask"] for r in rows],
-            "logprobs": None,  # recomputed by the trainer from the policy
-            "trajectory": trajs,
-        }
+        out, stats = rollout_batch.rollout_batch(
+            trajs, trainer.processing_class, cfg.max_completion_length, cfg.style,
+            cfg.filter_void_turns)
+        stats["tir/rollout_s"] = time.perf_counter() - t0
+        if cfg.check_prefix_property:
+            for t in trajs:
+                assert_prefix_property(t, trainer.processing_class)
+        _log(trainer, stats, "train" if was_training else "eval")
+        return out
 
     return rollout_func
 
 
-def verifier_reward(completions, reference, trajectory, **_) -> list[float]:
-    """r_v: 1.0 if the trajectory's final answer matches the reference, else 0.0."""
-    out = []
-    for ref, traj in zip(reference, trajectory, strict=True):
+def _log(trainer, stats: dict[str, float], mode: str) -> None:
+    """Add ``stats`` to TRL's per-step metrics (averaged and logged, TensorBoard included, at
+    each logging step); trainers without that table (tests' stand-ins) skip it."""
+    table = getattr(trainer, "_metrics", None)
+    if table is None:
+        return
+    for k, v in stats.items():
+        table[mode][k].append(v)
+    for k in ("tir/infra_faults", "tir/excluded"):
+        if stats[k]:
+            logger.warning("GRPO step: %s = %d rollouts dropped from rewards and loss", k, stats[k])
+
+
+def verifier_reward(completions, reference, trajectory, excluded=None, **_
+                    ) -> list[float | None]:
+    """r_v: 1.0 if the trajectory's final answer matches the reference, else 0.0; None for an
+    excluded rollout (infrastructure fault, void turn), which TRL then leaves out of the group
+    statistics and gives advantage 0."""
+    out: list[float | None] = []
+    excluded = excluded or [None] * len(trajectory)
+    for ref, traj, why in zip(reference, trajectory, excluded, strict=True):
+        if why is not None:
+            out.append(None)
+            continue
         ok = traj.final_answer is not None and grade(traj.final_answer, ref, extract=False)
         out.append(1.0 if ok == Verdict.correct else 0.0)
     return out
@@ -142,8 +184,11 @@ def verifier_reward(completions, reference, trajectory, **_) -> list[float]:
 def rm_reward(scorer, alpha: float):
     """σ(α · r_m) - 1, the RM term of the shaped reward."""
 
-    def rm_shaping(completions, trajectory, **_) -> list[float]:
-        return [1 / (1 + math.exp(-alpha * s)) - 1 for s in scorer.score(list(trajectory))]
+    def rm_shaping(completions, trajectory, excluded=None, **_) -> list[float | None]:
+        excluded = excluded or [None] * len(trajectory)
+        scores = scorer.score(list(trajectory))
+        return [None if why is not None else 1 / (1 + math.exp(-alpha * s))
+                - 1 for s, why in zip(scores, excluded, strict=True)]
 
     return rm_shaping
 

@@ -19,6 +19,10 @@ How, exactly:
 4. Truncate to ``max_length``: ``tokenize_*`` from the right (SFT); ``fit_trajectory`` keeps the
    prompt head and the end (``training.truncation``: reward models and preference pairs, whose
    label is about the final answer).
+
+GRPO does not re-tokenise what the policy sampled: its rows are token streams of the sampled ids
+(``trajectories.tokens``, ``training.rollout_batch``); this module is its fallback for
+trajectories recorded without ids.
 """
 
 from __future__ import annotations

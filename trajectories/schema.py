@@ -39,6 +39,19 @@ class Step(BaseModel):
     """A reflect / self-correction instruction appended after the output (None: none)."""
     gen_s: float = 0.0
     """Seconds spent generating ``text``."""
+    token_ids: list[int] | None = None
+    """The token ids the model sampled this turn, verbatim, as the backend returned them
+    (``Completion.token_ids``; a turn the model ended keeps its EOS). The transformers and vLLM
+    engines stop on the token that closes a code block; a server that stops on strings may
+    return a few more, which ``trajectories.tokens.turn_ids`` cuts after the token that
+    completed ``text`` for both the next turn's prompt and training. None: the backend did not
+    report them. GRPO trains on these, never on a re-tokenisation of ``text``."""
+    sampled_from: int = 0
+    """Offset in ``text`` where the sampled ids begin: text before it was written by the agent
+    (a decomposition lead-in), fed to the model as a prompt, not sampled."""
+    logprobs: list[float] | None = None
+    """Log-probability of each of ``token_ids`` under the sampling distribution (same length),
+    or None when the backend did not report them."""
 
 
 class Trajectory(BaseModel):

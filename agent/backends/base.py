@@ -48,6 +48,10 @@ class Request:
     """This request's sampling seed, overriding ``SamplingParams.seed``, so that requests with
     different seeds can share one batch. Servers and vLLM honour it per request; the
     transformers backend seeds a batch with its first row's seed."""
+    pieces: list[tuple[str, list[int] | None]] | None = None
+    """``prefix`` as (text, sampled token ids or None) pieces (``trajectories.tokens``): a
+    backend that tokenises itself feeds the model's own earlier ids verbatim and tokenises only
+    the text between them (token in, token out); None: tokenise ``prefix`` as text."""
     tag: str = ""
     """Which trajectory the request belongs to ("problem id#sample@run", unique within a
     process), for backends that keep per-trajectory state (replay scripts) and for logs."""
@@ -55,10 +59,23 @@ class Request:
 
 @dataclass
 class Completion:
+    """One continuation of a ``Request``."""
+
     text: str
+    """The generated text (special tokens removed), up to where the turn ended."""
     finish_reason: FinishReason
     n_tokens: int = 0
+    """Tokens generated (as the backend or server counts them)."""
     extra: dict = field(default_factory=dict)
+    token_ids: list[int] | None = None
+    """The generated token ids, in order, under the model's tokenizer; a final EOS token is
+    included when the turn ended on it (the model chose to stop). None when the backend or
+    server does not report them. Token-faithful training (GRPO) uses these instead of
+    re-tokenising ``text``, which need not give the same ids."""
+    logprobs: list[float] | None = None
+    """Natural-log probability of each sampled token in ``token_ids`` (same length), under the
+    distribution it was drawn from: the model's softmax after temperature and top-p (greedy:
+    the model's raw softmax). None when not reported."""
 
 
 class Backend(Protocol):

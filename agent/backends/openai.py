@@ -8,6 +8,10 @@ continue (``continue_final_message``, honoured by vLLM and SGLang).
 
 Requests of one batch are sent concurrently (at most ``max_concurrency`` at a time); transient
 failures (connection refused, timeouts, 429, 5xx) are retried with exponential backoff.
+
+Each request also asks for the sampled tokens' log-probabilities (``logprobs``, standard) and
+token ids (``return_token_ids``, a vLLM extension); a server that rejects these fields (400, 422) is
+asked again without them, and from then on never. What a server does not return stays None.
 """
 
 from __future__ import annotations
@@ -49,15 +53,18 @@ class OpenAIBackend:
         max_retries: int = 4,
         backoff_s: float = 0.5,
         timeout_s: float = 300.0,
+        token_info: bool = True,
     ):
         """``model``: the served model name (None: the server's first model). ``tokenizer``: a
         local path or id whose chat template matches the served model (None: try ``model``);
-        needed for the completions endpoint."""
+        needed for the completions endpoint. ``token_info``: ask for token ids and
+        log-probabilities (False: never)."""
         self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s
         )
         self.base_url, self.endpoint = base_url, endpoint
         self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.token_info = token_info
         self._threads = ThreadPoolExecutor(max_concurrency, thread_name_prefix="openai")
         self.model = model or self._retry(lambda: self.client.models.list().data[0].id)
         self.template = self._load_template(tokenizer or self.model) if endpoint != "chat" else None
@@ -105,13 +112,33 @@ class OpenAIBackend:
             kw["stop"] = list(stop)
         return kw
 
-    def _finish(self, req: Request, text: str, reason: str | None, n_tokens: int) -> Completion:
+    def _finish(self, req: Request, text: str, reason: str | None, n_tokens: int,
+                ids: list[int] | None = None, lps: list[float] | None = None) -> Completion:
         if req.stop is not None and req.stop(text):
             why = "stop"
         else:
             why = "length" if reason == "length" else "eos"
         return Completion(text=text, finish_reason=why, n_tokens=n_tokens,
-                          extra={"endpoint": self.endpoint_used})
+                          extra={"endpoint": self.endpoint_used},
+                          token_ids=ids or None, logprobs=lps or None)
+
+    def _with_info(self, call, chat: bool):
+        """``call`` asking for token ids and log-probabilities; a server that rejects the
+        fields (400, 422) is asked again without them, and never again."""
+        if not self.token_info:
+            return call
+        info: dict[str, Any] = {"logprobs": True, "top_logprobs": 0} if chat else {"logprobs": 0}
+
+        def asking(**more):
+            extra = {**(more.pop("extra_body", None) or {}), "return_token_ids": True}
+            try:
+                return call(**info, extra_body=extra, **more)
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
+                self.token_info = False  # other threads may already be asking again
+                return call(**more)
+
+        return asking
+
 
     # -- endpoints --------------------------------------------------------------------------
     @property
@@ -133,27 +160,34 @@ class OpenAIBackend:
         head = self.template.apply_chat_template(
             req.messages, add_generation_prompt=True, tokenize=False
         )
-        def call(**more):
+        def plain(**more):
             return self.client.completions.create(
                 model=self.model, prompt=head + req.prefix, **kw, **more)
 
+        call = self._with_info(plain, chat=False)
         if req.on_text is not None:
-            return self._streamed(req, call, lambda c: c.text)
+            return self._streamed(req, call, lambda c: c.text, chat=False)
         r = self._retry(call)
         choice = r.choices[0]
         n = r.usage.completion_tokens if r.usage else 0
-        return self._finish(req, choice.text, choice.finish_reason, n)
+        return self._finish(req, choice.text, choice.finish_reason, n,
+                            *_token_info(choice, chat=False))
 
-    def _streamed(self, req: Request, call, text_of) -> Completion:
+    def _streamed(self, req: Request, call, text_of, chat: bool) -> Completion:
         """Server-sent chunks go to ``req.on_text`` as they arrive (token events). Only
         opening the stream is retried: a stream that breaks midway has already shown text."""
         assert req.on_text is not None
         stream = self._retry(lambda: call(stream=True))
         parts: list[str] = []
+        ids: list[int] = []
+        lps: list[float] = []
         reason, n = None, 0
         for chunk in stream:
             if chunk.choices:
                 choice = chunk.choices[0]
+                more_ids, more_lps = _token_info(choice, chat)
+                ids += more_ids
+                lps += more_lps
                 text = text_of(choice) or ""
                 if text:
                     parts.append(text)
@@ -162,23 +196,26 @@ class OpenAIBackend:
                 reason = choice.finish_reason or reason
             if getattr(chunk, "usage", None):
                 n = chunk.usage.completion_tokens
-        return self._finish(req, "".join(parts), reason, n)
+        return self._finish(req, "".join(parts), reason, n, ids, lps)
 
     def _chat(self, req: Request, kw: dict) -> Completion:
         messages, extra = list(req.messages), None
         if req.prefix:
             messages.append({"role": "assistant", "content": req.prefix})
             extra = {"continue_final_message": True, "add_generation_prompt": False}
-        def call(**more):
+        def plain(**more):
+            body = {**(extra or {}), **(more.pop("extra_body", None) or {})}
             return self.client.chat.completions.create(
-                model=self.model, messages=messages, extra_body=extra, **kw, **more)
+                model=self.model, messages=messages, extra_body=body or None, **kw, **more)
 
+        call = self._with_info(plain, chat=True)
         if req.on_text is not None:
-            return self._streamed(req, call, lambda c: c.delta.content)
+            return self._streamed(req, call, lambda c: c.delta.content, chat=True)
         r = self._retry(call)
         choice = r.choices[0]
         n = r.usage.completion_tokens if r.usage else 0
-        return self._finish(req, choice.message.content or "", choice.finish_reason, n)
+        return self._finish(req, choice.message.content or "", choice.finish_reason, n,
+                            *_token_info(choice, chat=True))
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         # Samples are separate calls (not every server implements ``n``), each with its seed.
@@ -195,3 +232,15 @@ class OpenAIBackend:
     def close(self) -> None:
         self._threads.shutdown(wait=False)
         self.client.close()
+
+
+def _token_info(choice: Any, chat: bool) -> tuple[list[int], list[float]]:
+    """(token ids, sampled-token log-probabilities) of one choice or stream chunk; empty lists
+    where the server returned none."""
+    ids = list(getattr(choice, "token_ids", None) or [])
+    lp = getattr(choice, "logprobs", None)
+    if lp is None:
+        return ids, []
+    if chat:
+        return ids, [float(t.logprob) for t in (lp.content or [])]
+    return ids, [float(x) for x in (lp.token_logprobs or []) if x is not None]

@@ -1,18 +1,34 @@
-"""GRPO rollouts through the agent graph: each prompt is solved by the full TIR loop with the
-live policy being trained and a sandboxed kernel, reset between rollouts (the kernel is in the
-loop). ``training.grpo`` turns the trajectories into masked completions and rewards."""
+"""GRPO rollouts through the agent graph, as a library: each prompt is solved by the full TIR loop
+with the live policy being trained and a sandboxed kernel in the loop.
+
+Concurrent by default: one step's rollouts go through ``agent.runner.run_many`` over a
+``KernelPool`` (one kernel per rollout in flight), their model calls batched across the whole
+step. Given one ``Executor`` instead of a pool, rollouts run one at a time on it, reset between
+them (the old path, kept as the benchmarks' baseline). ``training.grpo`` turns the trajectories
+into token-faithful completions and rewards.
+
+Users call it from their own TRL scripts::
+
+    rollout = agent_rollout(AgentConfig(max_turns=4), pool, problem_of)
+    trainer = training.grpo.make_trainer(cfg, rollout, rows)   # or make_rollout_func(rollout, cfg)
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tirforge.trajectories.schema import Trajectory
 
+logger = logging.getLogger(__name__)
+
 BackendFactory = Callable[[Any, Any], Any]
 """(live model, tokenizer) -> an agent backend."""
+ProblemRow = str | Mapping[str, Any]
+"""A problem text, or a mapping with "problem" and optionally "reference" / "problem_id"."""
 
 
 def live_backend(model: Any, tokenizer: Any) -> Any:
@@ -27,44 +43,123 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
-def agent_rollout(agent_cfg: Any, executor: Any, problem_of: dict[str, str],
-                  backend_factory: BackendFactory | None = None):
-    """A GRPO ``Rollout`` (``training.grpo.Rollout``): (prompts, model, tokenizer) -> one
-    trajectory per prompt, solved by the agent graph with ``executor`` reset before each.
-    ``problem_of`` maps ``prompt_key(prompt)`` to the problem text; ``backend_factory(model,
-    tokenizer)`` replaces the live-policy backend (tests script the turns with it)."""
-    from tirforge.agent.graph import solve
+def _text(row: ProblemRow) -> str:
+    return row if isinstance(row, str) else str(row["problem"])
 
-    def rollout(prompts: list[list[dict]], model: Any, tokenizer: Any) -> list[Trajectory]:
+
+def failed_rollout(row: ProblemRow, messages: list[dict], error: BaseException) -> Trajectory:
+    """The record of a rollout that raised (kernel would not start, pool closed, ...): no steps,
+    ``stop_reason="error"``, which ``training.rollout_batch`` treats as an infrastructure fault
+    (no reward, no gradient)."""
+    ref = None if isinstance(row, str) else row.get("reference")
+    return Trajectory(problem=_text(row), reference=None if ref is None else str(ref),
+                      messages=messages, stop_reason="error",
+                      sampling={"error": f"{type(error).__name__}: {error}"})
+
+
+def agent_rollout(agent_cfg: Any, kernels: Any, problem_of: Mapping[str, ProblemRow],
+                  backend_factory: BackendFactory | None = None, runner_cfg: Any = None):
+    """A GRPO ``Rollout`` (``training.grpo.Rollout``): (prompts, model, tokenizer) -> one
+    trajectory per prompt, in order.
+
+    ``kernels``: a ``KernelPool`` (concurrent: ``run_many``, rollouts in flight = pool size,
+    ``runner_cfg`` a ``RunnerConfig`` for batching) or one ``Executor`` (sequential, reset before
+    each rollout). ``problem_of`` maps ``prompt_key(prompt)`` to the problem text or a row with
+    "problem" and "reference" (then trajectories are graded). ``backend_factory(model,
+    tokenizer)`` replaces the live-policy backend (tests script the turns with it). A rollout
+    that raises comes back as ``failed_rollout`` (concurrent path) instead of stopping the step.
+    Raises KeyError for a prompt that is not in ``problem_of``."""
+    from tirforge.executors.pool import KernelPool
+
+    def rows_of(prompts: list[list[dict]]) -> list[ProblemRow]:
+        try:
+            return [problem_of[prompt_key(m)] for m in prompts]
+        except KeyError as e:
+            raise KeyError("a prompt is not in problem_of: TRL's prompt and the agent's must "
+                           "be built the same way (agent_cfg.fmt.build_messages)") from e
+
+    def concurrent(prompts: list[list[dict]], model: Any, tokenizer: Any) -> list[Trajectory]:
+        from tirforge.agent.runner import RunnerConfig, run_many
+
+        backend = (backend_factory or live_backend)(model, tokenizer)
+        rows = rows_of(prompts)
+        # Each prompt is its own job (TRL already repeats a problem num_generations times).
+        jobs = [(r, i) for i, r in enumerate(rows)]
+        runner = runner_cfg or RunnerConfig(max_concurrency=kernels.size)
+        errors: dict[int, BaseException] = {}
+
+        def on_result(_row: Any, i: int, res: Trajectory | BaseException) -> None:
+            if isinstance(res, BaseException):
+                errors[i] = res
+                logger.warning("rollout %d failed (infrastructure): %r", i, res)
+
+        # Distinct seeds per rollout: with a fixed sampling seed all rollouts would be equal.
+        seed = agent_cfg.sampling.seed
+        out = run_many([], backend, kernels, agent_cfg, runner, jobs=jobs, on_result=on_result,
+                       seed_of=lambda _p, i: None if seed is None else seed + i)
+        return [failed_rollout(rows[i], prompts[i], errors[i]) if i in errors else t
+                for i, t in enumerate(out)]  # type: ignore[misc]
+
+    def sequential(prompts: list[list[dict]], model: Any, tokenizer: Any) -> list[Trajectory]:
+        from tirforge.agent.graph import solve
+
         backend = (backend_factory or live_backend)(model, tokenizer)
         out = []
-        for messages in prompts:
-            executor.reset()
-            out.append(solve(problem_of[prompt_key(messages)], backend, executor, agent_cfg))
+        for row in rows_of(prompts):
+            kernels.reset()
+            t = solve(_text(row), backend, kernels, agent_cfg)
+            ref = None if isinstance(row, str) else row.get("reference")
+            if ref is not None:
+                from tirforge.trajectories.grading import grade
+
+                t.reference = str(ref)
+                t.verdict = str(grade(t.final_answer, str(ref), extract=False))
+            out.append(t)
         return out
 
-    return rollout
+    return concurrent if isinstance(kernels, KernelPool) else sequential
+
+
+def grpo_agent_config(cfg: Any) -> Any:
+    """The ``AgentConfig`` of a ``GRPOTrainConfig``: turns, per-turn and per-rollout token caps,
+    output truncation, sampling temperature."""
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.graph import AgentConfig
+
+    return AgentConfig(
+        max_turns=cfg.max_turns, max_tokens=cfg.max_rollout_tokens,
+        max_output_chars=cfg.max_output_chars,
+        # Unseeded: a fixed seed would give every step's rollouts the same random draws.
+        sampling=SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature),
+    )
 
 
 def run_grpo(cfg: Any, problems: str | Path) -> str:
-    """``training.grpo.train`` with agent rollouts: the agent of ``cfg`` (``max_turns``,
-    ``max_new_tokens``, ``temperature``) on one sandboxed kernel (``executor``, ``sandbox``,
-    ``timeout``: the cell timeout), over the problems of ``problems`` (``grpo.load_problems``),
-    whose prompts are the agent's own so that TRL's prompt and the rollout's agree. Returns the
-    output folder; raises ValueError / OSError for a bad problems file or executor setting."""
-    from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.graph import AgentConfig
+    """``training.grpo.train`` with agent rollouts: the agent of ``cfg`` (``grpo_agent_config``)
+    on a pool of ``cfg.pool_size`` sandboxed kernels (``executor``, ``sandbox``, ``timeout``: the
+    cell timeout; one kernel and sequential rollouts with ``sequential_rollouts``), over the
+    problems of ``problems`` (``grpo.load_problems``), whose prompts are the agent's own so that
+    TRL's prompt and the rollout's agree. Returns the output folder; raises ValueError / OSError
+    for a bad problems file or executor setting."""
+    from tirforge.agent.runner import RunnerConfig
     from tirforge.executors import ExecutorConfig, make_executor
+    from tirforge.executors.pool import KernelPool
     from tirforge.training import grpo
 
-    agent_cfg = AgentConfig(max_turns=cfg.max_turns, sampling=SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))
+    agent_cfg = grpo_agent_config(cfg)
     exec_cfg = ExecutorConfig(backend=cfg.executor, sandbox=cfg.sandbox, timeout=cfg.timeout)
     rows = grpo.load_problems(problems, make_prompt=agent_cfg.fmt.build_messages)
     for r in rows:  # a trajectory file carries its own prompt: use the agent's instead
         r["prompt"] = agent_cfg.fmt.build_messages(r["problem"], hint=agent_cfg.tool_hint)
-    problem_of = {prompt_key(r["prompt"]): r["problem"] for r in rows}
-    kernel = make_executor(exec_cfg)
-    kernel.start()
-    with kernel:
-        return grpo.train(cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
+    problem_of = {prompt_key(r["prompt"]): {"problem": r["problem"], "reference": r["reference"]}
+                  for r in rows}
+    if cfg.sequential_rollouts:
+        kernel = make_executor(exec_cfg)
+        kernel.start()
+        with kernel:
+            return grpo.train(cfg, agent_rollout(agent_cfg, kernel, problem_of), rows)
+    runner = RunnerConfig(max_concurrency=cfg.pool_size, max_batch=cfg.max_batch)
+    # starts every kernel; the factory looked up now (tests replace it)
+    with KernelPool(exec_cfg, size=cfg.pool_size, factory=make_executor) as pool:
+        return grpo.train(cfg, agent_rollout(agent_cfg, pool, problem_of, runner_cfg=runner),
+                          rows)
