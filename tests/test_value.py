@@ -229,7 +229,7 @@ def kernel():
 
 
 @pytest.mark.parametrize("good", ["42", "13"])
-def test_trained_value_model_steers_step_search(tmp_path, kernel, good):
+def test_trained_value_model_steers_step_search(tmp_path, kernel, good, monkeypatch):
     from .test_search import ADD, MUL, Prefers, search
 
     # Log what step search finds with either preference: both branches, graded.
@@ -260,4 +260,67 @@ def test_trained_value_model_steers_step_search(tmp_path, kernel, good):
     assert first[right] > first[wrong]  # the branch that finishes correct more often
     res, _ = search(kernel, scorer, beam_width=1, expansions_per_step=2)
     assert res.best.steps[0].text == right and res.best.final_answer == good
+    # The same through `tirforge solve --strategy step-search --value PATH`.
+    from .test_search import TURNS
+    from .test_strategies import solve_cli
+
+    r, _ = solve_cli(monkeypatch, TURNS, "--strategy", "step-search", "--n", "2", "--beam", "1",
+                     "--value", str(out))
+    assert r.exit_code == 0, r.output
+    assert f"final answer: {good}" in r.output and "ExecutionScorer" not in r.output
     assert not math.isnan(res.best.score)
+
+
+def test_solve_and_eval_options(monkeypatch, tmp_path):
+    from tirforge.apps.cli import app
+
+    from .test_search import TURNS
+    from .test_strategies import solve_cli
+
+    r, _ = solve_cli(monkeypatch, TURNS, "--strategy", "step-search", "--value",
+                     str(tmp_path / "missing"))
+    assert r.exit_code == 2 and "could not load the value model" in r.output
+    r, _ = solve_cli(monkeypatch, TURNS, "--strategy", "step-search", "--value", "a", "--rm", "b")
+    assert r.exit_code == 2 and "not both" in r.output
+    r = CliRunner().invoke(app, ["eval", "--benchmarks", "gsm8k", "--value", "x"])
+    assert r.exit_code == 2 and "--search-beam" in r.output
+    seen: list = []
+    monkeypatch.setattr("tirforge.training.value.train",
+                        lambda cfg: seen.append(cfg) or cfg.output_dir)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    r = CliRunner().invoke(app, [
+        "train", "value", "-c", "configs/value_cpu_tiny.yaml", "--model", str(model),
+        "--train-file", "t.jsonl", "--value-loss", "mse", "--conservative-weight", "0",
+        "--conservative-source", "perturbed", "--contrastive-weight", "2"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert (cfg.value_loss, cfg.conservative_weight, cfg.conservative_source,
+            cfg.contrastive_weight, cfg.max_length) == ("mse", 0.0, "perturbed", 2.0, 1024)
+    r = CliRunner().invoke(app, ["train", "value", "--model", str(model), "--train-file", "t",
+                                 "--style", "tool"])
+    assert r.exit_code == 2 and "fenced" in r.output
+
+def test_eval_step_search_scored_by_the_value_model(tmp_path, monkeypatch):
+    import json
+
+    from tirforge.apps.cli import app
+
+    from .data_files import FIXTURES
+
+    monkeypatch.setenv("TIRFORGE_DATA", str(FIXTURES))  # GSM8K's first rows, committed
+    seen: list[int] = []
+    real = ValueScorer.score
+    monkeypatch.setattr(ValueScorer, "score",
+                        lambda self, ts: seen.append(len(ts)) or real(self, ts))
+    value = tiny_model_dir(tmp_path, num_labels=1)  # untrained: only the wiring is tested
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, [
+        "eval", "--benchmarks", "gsm8k", "--limit", "2", "--n", "2", "--search-beam", "1",
+        "--model", tiny_model_dir(tmp_path), "--max-new-tokens", "8", "--max-turns", "2",
+        "--concurrency", "1", "--out", str(out), "--value", value])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "results.json").read_text())
+    assert "search@1x2" in data["rows"]["gsm8k"] and data["config"]["value"] == value
+    assert seen and all(n >= 1 for n in seen)
