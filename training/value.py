@@ -13,7 +13,8 @@ switchable so they can be ablated:
 * ``value_loss`` — ``bce`` (binary cross-entropy with soft labels) or ``mse`` (on σ(v)) towards
   the Monte-Carlo target of each boundary (``value_data.mc_targets``); ``none`` turns it off.
 * ``conservative_weight`` — conservative value learning after CQL (Kumar et al. 2020,
-  "Conservative Q-Learning for Offline Reinforcement Learning", eq. 2/CQL(H)): at a boundary
+  "Conservative Q-Learning for Offline Reinforcement Learning", the CQL(H) regulariser
+  ``logsumexp_a Q(s,a) - E_data Q(s,a)``, here over two actions): at a boundary
   where the data took step a, a step the data never took there (a step of another problem or a
   perturbed copy, ``value_data.unsupported_step``) is scored too, and
   ``logsumexp(v(s,a_data), v(s,a_unsupported)) - v(s,a_data)`` pushes the unsupported value down
@@ -97,9 +98,10 @@ def problem_examples(
     for t in trajs:
         if t.id in targets and t.steps:
             groups.setdefault(problem_key(t), []).append(t)
+    pool = [t for g in groups.values() for t in g[:4]]  # donors of other problems' steps
     out = []
     for key, group in groups.items():
-        others = [t for k, g in groups.items() if k != key for t in g[:4]]
+        others = [t for t in rng.sample(pool, min(16, len(pool))) if problem_key(t) != key]
         rng.shuffle(group)
         logged, group = group, group[: cfg.max_group_size]
         enc = [encode_steps(t, tokenizer, cfg.max_length, chat_template) for t in group]

@@ -10,8 +10,9 @@ no token straddles two steps: the tokens up to boundary k are the tokens of the 
 after step k, and a partial trajectory scored during search reads the same tokens the model was
 trained on.
 
-Monte-Carlo target (MCRL-style offline return, the "share of successes below a node" of
-MC value estimation, e.g. Wang et al. 2024 "Math-Shepherd" §3.3 soft estimation): the value of
+Monte-Carlo target (MCRL-style offline return; the same "share of correct completions" as
+the soft estimate of Wang et al. 2024, "Math-Shepherd", computed here from logged samples
+instead of fresh rollouts): the value of
 "problem + steps[:k]" is the share of correct finishes among the logged trajectories of the same
 problem that share exactly those k steps (``mc_targets``). Multi-sample collection with a
 deterministic kernel makes shared prefixes common at small k; at the last step the target is the
