@@ -239,15 +239,18 @@ def test_trained_value_model_steers_step_search(tmp_path, kernel, good, monkeypa
         logged += res.finished
     assert {t.steps[0].text for t in logged} == {MUL, ADD}
     data = tmp_path / "logged.jsonl"
-    # The log's verdicts say which branch is right (flipped: the model must follow the data).
+    # The log's verdicts say which branch is right, at both forks (turn 1: the method, turn 3:
+    # the answer); flipped, the model must follow the data, not the task.
+    right, wrong = (MUL, ADD) if good == "42" else (ADD, MUL)
     logged = [t.model_copy(update={"verdict": "correct" if t.final_answer == good
-                                   else "incorrect"}) for t in logged]
+                                   and t.steps[0].text == right else "incorrect"})
+              for t in logged]
     append_jsonl(data, [t.model_copy(update={"id": f"{t.id}-{i}"}) for i in range(3)
                         for t in logged])
     out = tmp_path / "value"
     r = CliRunner().invoke(__import__("tirforge.apps.cli", fromlist=["app"]).app, [
         "train", "value", "--model", tiny_model_dir(tmp_path), "--train-file", str(data),
-        "--output-dir", str(out), "--max-steps", "40", "--learning-rate", "3e-3",
+        "--output-dir", str(out), "--max-steps", "80", "--learning-rate", "3e-3",
         "--per-device-train-batch-size", "1", "--lr-scheduler-type", "constant",
         "--save-steps", "1000", "--logging-steps", "10", "--max-length", "512"])
     assert r.exit_code == 0, r.output
@@ -255,7 +258,6 @@ def test_trained_value_model_steers_step_search(tmp_path, kernel, good, monkeypa
     vals = scorer.step_values(logged)
     assert all(len(v) == len(t.steps) and all(0 < x < 1 for x in v)
                for v, t in zip(vals, logged, strict=True))
-    right, wrong = (MUL, ADD) if good == "42" else (ADD, MUL)
     first = {t.steps[0].text: v[0] for t, v in zip(logged, vals, strict=True)}
     assert first[right] > first[wrong]  # the branch that finishes correct more often
     res, _ = search(kernel, scorer, beam_width=1, expansions_per_step=2)
