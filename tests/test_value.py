@@ -326,3 +326,21 @@ def test_eval_step_search_scored_by_the_value_model(tmp_path, monkeypatch):
     data = json.loads((out / "results.json").read_text())
     assert "search@1x2" in data["rows"]["gsm8k"] and data["config"]["value"] == value
     assert seen and all(n >= 1 for n in seen)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_scorer_reads_the_last_boundary_on_each_architecture(tmp_path, arch):
+    path = tiny_model_dir(tmp_path, arch, num_labels=1)
+    scorer = ValueScorer(path, max_length=200, batch_size=2)
+    long = traj("p", [Step(text=f"Line {i}: " + "word " * 30) for i in range(12)], "correct")
+    short = _data()[0]
+    empty = traj("p", [], None)
+    vals = scorer.step_values([short, long, empty])
+    assert len(vals[0]) == 3 and vals[2] == []
+    assert math.isnan(vals[1][0]) and not math.isnan(vals[1][-1])  # cut middle, kept end
+    scores = scorer.score([short, long, empty])
+    assert scores[:2] == pytest.approx([vals[0][-1], vals[1][-1]], abs=1e-5)
+    assert 0 < scores[2] < 1
+    # A partial trajectory scores what the whole one reads at the same step (batching apart).
+    part = short.model_copy(update={"steps": short.steps[:2]})
+    assert scorer.score([part])[0] == pytest.approx(vals[0][1], abs=1e-5)
