@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from tirforge.trajectories.transcript import render_prefix
 from .test_formats import transcript
 from .training_utils import tiny_model_dir, tokenizer
 
+CONFIGS = Path(__file__).parents[1] / "configs"
 A, B, C, D, E, F = (Step(text=f"step {x} with 1{x}.") for x in "ABCDEF")
 
 
@@ -293,7 +295,7 @@ def test_solve_and_eval_options(monkeypatch, tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     r = CliRunner().invoke(app, [
-        "train", "value", "-c", "configs/value_cpu_tiny.yaml", "--model", str(model),
+        "train", "value", "-c", str(CONFIGS / "value_cpu_tiny.yaml"), "--model", str(model),
         "--train-file", "t.jsonl", "--value-loss", "mse", "--conservative-weight", "0",
         "--conservative-source", "perturbed", "--contrastive-weight", "2"])
     assert r.exit_code == 0, r.output
@@ -344,3 +346,9 @@ def test_scorer_reads_the_last_boundary_on_each_architecture(tmp_path, arch):
     # A partial trajectory scores what the whole one reads at the same step (batching apart).
     part = short.model_copy(update={"steps": short.steps[:2]})
     assert scorer.score([part])[0] == pytest.approx(vals[0][1], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["value_cpu_tiny.yaml", "value_cpu_smollm2.yaml"])
+def test_shipped_configs_load(name):
+    cfg = ValueTrainConfig.from_yaml(CONFIGS / name)
+    assert cfg.model == "smollm2" and cfg.value_loss == "bce" and cfg.max_steps > 0
