@@ -4,9 +4,11 @@
 (grouped by mathematical equivalence); ``best-of-n`` the trajectory a scorer (an outcome reward
 model) rates highest; ``weighted-majority`` sums scorer ratings per answer, as Qwen2.5-Math's
 RM-weighted voting does. A scorer is anything with ``score(trajectories) -> list[float]``: the
-trained RM (``tirforge.training.rm.RewardScorer``) or ``ExecutionScorer`` below, which needs no
-model. ``step-search`` is not a choice among finished samples but a search while solving
-(``tirforge.agent.search.step_search``): the scorer rates partial trajectories after every turn.
+trained RM (``tirforge.training.rm.RewardScorer``), the step-level value model
+(``tirforge.training.value.ValueScorer``, made for partial trajectories) or
+``ExecutionScorer`` below, which needs no model. ``step-search`` is not a choice among
+finished samples but a search while solving (``tirforge.agent.search.step_search``): the
+scorer rates partial trajectories after every turn.
 
 ``solve_with(strategy, ...)`` runs one problem by any of them, starting the kernels it needs:
 one streamed run (greedy), N concurrent samples then ``choose`` (the sampling strategies), or

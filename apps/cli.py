@@ -142,6 +142,11 @@ def solve(
                                  "best-of-n, weighted-majority and step-search (default: the "
                                  "model-free ExecutionScorer).")
     ] = None,
+    value: Annotated[
+        str | None, typer.Option(help="Step-level value model folder (tirforge train value) "
+                                 "scoring instead of --rm: rates partial solutions in "
+                                 "step-search by their chance of finishing correct.")
+    ] = None,
 ) -> None:
     """Solve PROBLEM: the model writes Python, a Jupyter kernel runs it, the model answers."""
     from tirforge.agent.backends import make_backend
@@ -188,7 +193,7 @@ def solve(
     console.log(f"{backend} backend ready in {time.perf_counter() - t_load:.1f}s")
     console.print(Panel(Text(problem), title="problem", border_style="cyan"))
     t0 = time.perf_counter()
-    scorer = _solve_scorer(strategy, rm)
+    scorer = _solve_scorer(strategy, rm, value)
     status = console.status("thinking ...")
 
     def on_event(node: str, item) -> None:  # the greedy run, as it streams
@@ -251,24 +256,33 @@ def solve(
         console.print(f"trajectory appended to {out}")
 
 
-def _solve_scorer(strategy: str, rm: str | None):
-    """``solve``'s scorer: the RM of ``--rm``, else the model-free ``ExecutionScorer`` (said so);
-    None for strategies that score nothing. Exits 2 when the RM cannot be loaded."""
+def _solve_scorer(strategy: str, rm: str | None, value: str | None = None):
+    """``solve``'s scorer: the value model of ``--value`` or the RM of ``--rm``, else the
+    model-free ``ExecutionScorer`` (said so); None for strategies that score nothing. Exits 2
+    when both are given or the model cannot be loaded."""
     from tirforge.agent.strategies import SCORED_STRATEGIES, ExecutionScorer
 
     if strategy not in SCORED_STRATEGIES:
         return None
-    if rm is None:
+    if rm is not None and value is not None:
+        console.print("[red]error:[/red] give --rm or --value, not both")
+        raise typer.Exit(2)
+    if rm is None and value is None:
         console.print("note: no --rm given, scoring with the model-free ExecutionScorer "
                       "(an answer, cells that ran cleanly, few self-corrections)", style="dim")
         return ExecutionScorer()
+    what, path = ("value model", value) if value is not None else ("reward model", rm)
     try:
-        with console.status(f"Loading reward model {rm} ..."):
+        with console.status(f"Loading {what} {path} ..."):
+            if value is not None:
+                from tirforge.training.value import ValueScorer
+
+                return ValueScorer(value)
             from tirforge.training.rm import RewardScorer
 
             return RewardScorer(rm)
-    except Exception as e:  # not a folder, not an RM: say so instead of a traceback
-        console.print(f"[red]error:[/red] could not load the reward model {rm}: {e}")
+    except Exception as e:  # not a folder, not a model: say so instead of a traceback
+        console.print(f"[red]error:[/red] could not load the {what} {path}: {e}")
         raise typer.Exit(2) from None
 
 

@@ -64,6 +64,9 @@ def eval_command(
     search_beam: Annotated[int, typer.Option(
         help="Also run RM-guided step search with this beam width (M = --n continuations "
              "per step); 0: off.")] = 0,
+    value: Annotated[str | None, typer.Option(
+        help="Value model folder (tirforge train value) scoring the step search's partial "
+             "solutions instead of --rm.")] = None,
     limit: Annotated[int | None, typer.Option(help="First N problems of each set.")] = None,
     temperature: Annotated[float, typer.Option(help="Temperature of the N samples.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="top-p of the N samples.")] = 0.8,
@@ -84,6 +87,9 @@ def eval_command(
     from tirforge.executors import KernelPool
     from tirforge.trajectories.datasets import DATASETS, DatasetNotFoundError, resolve
 
+    if value is not None and search_beam < 1:
+        raise typer.BadParameter("--value scores step search: give --search-beam B too",
+                                 param_hint="--value")
     names = [b.strip() for b in benchmarks.split(",") if b.strip()]
     unknown = [b for b in names if b not in DATASETS]
     if not names or unknown:
@@ -99,7 +105,7 @@ def eval_command(
         benchmarks=names, model="replay" if replay else model, format=format, n=n,
         temperature=temperature, top_p=top_p, limit=limit, max_turns=max_turns,
         max_new_tokens=max_new_tokens, timeout=timeout, concurrency=concurrency, out=out, rm=rm,
-        search_beam=search_beam, executor=executor, sandbox=sandbox,
+        search_beam=search_beam, value=value, executor=executor, sandbox=sandbox,
     )
     try:
         with console.status(f"Loading {model} ({backend}) ..."):

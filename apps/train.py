@@ -1,4 +1,4 @@
-"""``tirforge train sft|rm|dpo|grpo`` and ``tirforge score``: the training commands.
+"""``tirforge train sft|rm|dpo|grpo|value`` and ``tirforge score``: the training commands.
 
 Every trainer reads a YAML config (``--config``, see configs/) whose fields are the trainer's
 config dataclass; every field of a simple type (str, int, float, bool) is also an option,
@@ -160,6 +160,9 @@ TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {
     "dpo": _offline("dpo", "DPOTrainConfig", "Offline DPO on correct / incorrect pairs, tool "
                     "outputs masked on both sides."),
     "grpo": _grpo,
+    "value": _offline("value", "ValueTrainConfig", "Step-level value model (MCRL-style): "
+                      "Monte-Carlo values of step prefixes, conservative and contrastive terms; "
+                      "guides step search (--value)."),
 }
 """Trainer name -> a builder of its command (imports the trainer's module when called)."""
 

@@ -47,8 +47,11 @@ class EvalConfig:
     """Reward model folder (``tirforge train rm``) for RM@N and RM-weighted majority."""
     search_beam: int = 0
     """With > 0: also run RM-guided step search (beam width B = this, M = ``n`` continuations
-    per kept trajectory per step, scored by ``rm`` or, without one, execution heuristics);
-    its accuracy is the ``search@BxM`` column."""
+    per kept trajectory per step, scored by ``value``, else ``rm``, else execution
+    heuristics); its accuracy is the ``search@BxM`` column."""
+    value: str | None = None
+    """Step-level value model folder (``tirforge train value``) scoring step search's partial
+    trajectories instead of the outcome RM."""
     executor: str = "local"
     sandbox: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -161,10 +164,15 @@ def run_search(bench: str, problems: list, cfg: EvalConfig, backend: Any, pool: 
                         sampling=SamplingParams(max_new_tokens=cfg.max_new_tokens,
                                                 temperature=cfg.temperature, top_p=cfg.top_p))
     sc = StepSearchConfig(beam_width=cfg.search_beam, expansions_per_step=m, agent=agent)
-    cfg_hash = config_hash({"model": cfg.model, "search": asdict(sc), "rm": cfg.rm})
+    cfg_hash = config_hash({"model": cfg.model, "search": asdict(sc), "rm": cfg.rm,
+                            **({"value": cfg.value} if cfg.value else {})})
     store = Store(cfg.out / slug(cfg.model) / bench / f"search-{cfg.search_beam}x{m}")
     scorer: Any = ExecutionScorer()
-    if cfg.rm is not None:
+    if cfg.value is not None:
+        from tirforge.training.value import ValueScorer
+
+        scorer = ValueScorer(cfg.value)
+    elif cfg.rm is not None:
         from tirforge.training.rm import RewardScorer
 
         scorer = RewardScorer(cfg.rm)
