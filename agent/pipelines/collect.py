@@ -31,7 +31,7 @@ class WorkerStats:
 
     name: str
     node: str
-    """Node address (IP) the worker runs on."""
+    """Node it runs on: ``address/first 6 hex digits of the Ray node id``."""
     pid: int
     """Process id of its latest incarnation (an actor restarted after a crash has a new one)."""
     concurrency: int

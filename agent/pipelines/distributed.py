@@ -138,7 +138,9 @@ class _CollectActor:
     def info(self) -> dict[str, Any]:
         import ray
 
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+        node_id = ray.get_runtime_context().get_node_id()
+        # Several nodes may share an address (a laptop cluster): the id tells them apart.
+        return {"pid": os.getpid(), "node": f"{ray.util.get_node_ip_address()}/{node_id[:6]}",
                 "concurrency": self.concurrency}
 
     def run(self, jobs: list[tuple[Problem, int]], agent_cfg: Any, model_name: str):
@@ -398,15 +400,30 @@ class _Run:
 
     def _revive(self, slot: _Slot) -> bool:
         """Wait for Ray's restart of a dead actor; False (and marked dead) if there is none."""
-        ray = self.owner._ray
-        try:
-            info = ray.get(slot.handle.info.remote(), timeout=self.owner.cfg.restart_timeout)
-        except Exception:
+        info = self._info_after_restart(slot)
+        if isinstance(info, str):
             with self.cond:
                 slot.stats.alive = False
                 self.cond.notify_all()
-            self.out.put(("log", f"ray: {slot.stats.name} is gone; the others carry on"))
+            self.out.put(("log", f"ray: {slot.stats.name} is gone ({info}); the others carry on"))
             return False
         slot.stats.restarts += 1
         slot.stats.pid = info["pid"]
         return True
+
+    def _info_after_restart(self, slot: _Slot) -> dict[str, Any] | str:
+        """The restarted actor's ``info()``, or why there is none."""
+        ray = self.owner._ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + self.owner.cfg.restart_timeout
+        while True:
+            try:
+                return ray.get(slot.handle.info.remote(),
+                               timeout=max(1.0, deadline - time.monotonic()))
+            except ActorUnavailableError:  # restarting: calls fail fast until it is back
+                if time.monotonic() > deadline:
+                    return "not back in time"
+                time.sleep(0.5)
+            except Exception as e:  # ActorDiedError: no restart left, or its node is gone
+                return type(e).__name__
