@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -126,7 +127,7 @@ def _load(dataset: str, fields: FieldMap | None, limit: int | None) -> list[Prob
     try:
         return load_dataset(dataset, fields, limit=limit)
     except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -207,7 +208,7 @@ def collect(
     try:
         store.acquire()  # before anything slow: a second writer is told at once who holds it
     except StoreLocked as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     width = concurrency or 4
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
@@ -229,7 +230,7 @@ def collect(
                                               base_url=base_url, api_key_env=api_key_env,
                                               log=console.log)
             except (ValueError, ImportError) as e:
-                console.print(f"[red]error:[/red] {e}")
+                console.print(f"[red]error:[/red] {escape(str(e))}")
                 raise typer.Exit(2) from None
             with KernelPool(exec_cfg) as pool:
                 pool.install_signal_handlers()
@@ -284,7 +285,7 @@ def ray_collector(spec, exec_cfg, address: str | None, actors: int | None,
             rc.start()
     except (ImportError, ConnectionError, ValueError) as e:
         rc.close()
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     try:
         yield rc

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tirforge.agent.pipelines.evaluate import EvalConfig, run_benchmark
@@ -126,7 +127,7 @@ def eval_command(
                                            base_url=base_url, api_key_env=api_key_env,
                                            log=console.log)
     except (ValueError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     with KernelPool(cfg.executor_config()) as pool:
         pool.install_signal_handlers()
@@ -145,7 +146,7 @@ def _run_all(names: list[str], cfg: EvalConfig, backend: Any, pool: Any,
                                             log=lambda m: console.print(m, style="yellow"),
                                             collector=collector)
         except StoreLocked as e:
-            console.print(f"[red]error:[/red] {e}")
+            console.print(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(2) from None
         console.log(f"{bench}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[bench].items()))
     return rows

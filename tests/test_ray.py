@@ -198,3 +198,20 @@ def test_eval_on_ray_matches_the_protocol(cluster, tmp_path):
     assert not ray.is_initialized()  # the command disconnected from the cluster
     bad = CliRunner().invoke(app, [*args, "--search-beam", "2"])
     assert bad.exit_code == 2 and "one machine only" in re.sub(r"[│\s]+", " ", bad.output)
+
+
+def test_without_ray_the_command_says_how_to_install_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tirforge.apps.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [ray] extra were not installed
+    replay = tmp_path / "turns.json"
+    replay.write_text(json.dumps(turns(0)))
+    r = CliRunner().invoke(app, [
+        "collect", str(FIXTURE), "--problem-field", "question", "--answer-field", "answer",
+        "--answer-format", "gsm8k", "--out", str(tmp_path / "store"), "--replay", str(replay),
+        "--ray"])
+    assert r.exit_code == 2, r.output
+    assert "pip install 'tirforge[ray]'" in re.sub(r"[│\s]+", " ", r.output)
+    assert Store(tmp_path / "store").holder() is None  # the lock was given back

@@ -222,9 +222,9 @@ class RayCollector:
         self._started_ray = True
 
     def start(self) -> RayCollector:
+        self._connect()  # first: a missing Ray is reported by import_ray's message
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._connect()
         ray = self._ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if not nodes:
