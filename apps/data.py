@@ -283,7 +283,7 @@ def ray_collector(spec, exec_cfg, address: str | None, actors: int | None,
     try:
         with console.status("Starting Ray actors (each loads its model and kernels) ..."):
             rc.start()
-    except (ImportError, ConnectionError, ValueError) as e:
+    except (ImportError, ConnectionError, ValueError, RuntimeError) as e:
         rc.close()
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None

@@ -215,3 +215,12 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "pip install 'tirforge[ray]'" in re.sub(r"[│\s]+", " ", r.output)
     assert Store(tmp_path / "store").holder() is None  # the lock was given back
+
+
+def test_an_actor_that_cannot_start_is_reported_at_once(cluster, tmp_path):
+    spec = BackendSpec(model=str(tmp_path / "no-such-model"), backend="transformers")
+    rc = RayCollector(spec, ExecutorConfig(sandbox="bwrap"), RayConfig(address=cluster.address))
+    with pytest.raises(RuntimeError, match="could not start") as e:
+        rc.start()
+    assert "no-such-model" in str(e.value)
+    assert not ray.is_initialized() and rc.slots == []

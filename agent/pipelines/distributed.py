@@ -188,7 +188,8 @@ class RayCollector:
 
     ``collect`` has ``run_collect``'s contract (same keys, seeds and report) and may be called
     many times (``tirforge eval`` runs every benchmark and config on the same actors).
-    Raises ImportError without Ray, ConnectionError when ``address`` cannot be reached.
+    Raises ImportError without Ray, ConnectionError when ``address`` cannot be reached,
+    RuntimeError when an actor cannot build its backend or start its kernels.
     """
 
     def __init__(self, spec: BackendSpec, exec_cfg: Any, cfg: RayConfig | None = None,
@@ -244,7 +245,13 @@ class RayCollector:
                 max_restarts=self.cfg.max_restarts, max_task_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             ).remote(self.spec, self.exec_cfg, conc, self.cfg.env)))
-        infos = ray.get([h.info.remote() for _, h in handles])
+        try:
+            infos = ray.get([h.info.remote() for _, h in handles])
+        except ray.exceptions.RayError as e:  # e.g. no bwrap / docker image / model on a node
+            for _, h in handles:
+                ray.kill(h, no_restart=True)
+            self.close()
+            raise RuntimeError(f"a Ray actor could not start (backend, kernels): {e}") from e
         self.slots = [
             _Slot(h, WorkerStats(name=f"actor-{i}", node=info["node"], pid=info["pid"],
                                  concurrency=conc))
