@@ -210,7 +210,7 @@ def collect(
     except StoreLocked as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
-    width = concurrency or 4
+    width = 4 if concurrency is None else max(1, concurrency)
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
                               pool_size=max(1, width))
     with store:
@@ -277,14 +277,16 @@ def ray_collector(spec, exec_cfg, address: str | None, actors: int | None,
     from tirforge.agent.pipelines.distributed import RayCollector, RayConfig
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", api_key_env) if k in os.environ}
-    cfg = RayConfig(address=address, actors=actors, concurrency=concurrency,
-                    gpus_per_actor=gpus, env=env)
-    rc = RayCollector(spec, exec_cfg, cfg, log=console.log)
+    rc = None
     try:
+        cfg = RayConfig(address=address, actors=actors, concurrency=concurrency,
+                        gpus_per_actor=gpus, env=env)
+        rc = RayCollector(spec, exec_cfg, cfg, log=console.log)
         with console.status("Starting Ray actors (each loads its model and kernels) ..."):
             rc.start()
     except (ImportError, ConnectionError, ValueError, RuntimeError) as e:
-        rc.close()
+        if rc is not None:
+            rc.close()
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     try:

@@ -107,8 +107,9 @@ def eval_command(
     cfg = EvalConfig(
         benchmarks=names, model="replay" if replay else model, format=format, n=n,
         temperature=temperature, top_p=top_p, limit=limit, max_turns=max_turns,
-        max_new_tokens=max_new_tokens, timeout=timeout, concurrency=concurrency or 4, out=out,
-        rm=rm, search_beam=search_beam, executor=executor, sandbox=sandbox,
+        max_new_tokens=max_new_tokens, timeout=timeout, out=out, rm=rm,
+        concurrency=4 if concurrency is None else max(1, concurrency),
+        search_beam=search_beam, executor=executor, sandbox=sandbox,
     )
     if ray:
         if search_beam > 0:

@@ -122,6 +122,15 @@ class RayConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables set in every actor before it builds its backend."""
 
+    def __post_init__(self) -> None:
+        for name in ("actors", "concurrency", "chunk", "local_cpus", "object_store_mb"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ray {name.replace('_', ' ')} must be at least 1, not {value}")
+        if self.gpus_per_actor < 0 or self.max_restarts < 0 or self.restart_timeout <= 0:
+            raise ValueError("gpus_per_actor and max_restarts must be >= 0, "
+                             "restart_timeout > 0")
+
 
 class _CollectActor:
     """Runs jobs on its node: one backend, one kernel pool, the batched runner."""
@@ -285,6 +294,9 @@ class RayCollector:
         retries them); jobs of an actor that died are re-run on a live one."""
         if not self.slots:
             raise RuntimeError("RayCollector is not started (use it as a context manager)")
+        for s in self.slots:  # this call's figures (restarts and pid carry over)
+            s.stats.trajectories = s.stats.retried = 0
+            s.stats.seconds = 0.0
         t0 = time.perf_counter()
         store.acquire()  # the only writer from here on; what is done is read under the lock
         done = store.done_keys()
