@@ -224,3 +224,21 @@ def test_an_actor_that_cannot_start_is_reported_at_once(cluster, tmp_path):
         rc.start()
     assert "no-such-model" in str(e.value)
     assert not ray.is_initialized() and rc.slots == []
+
+
+def test_bad_ray_numbers_are_refused_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from tirforge.apps.cli import app
+
+    for bad in ({"actors": 0}, {"concurrency": -1}, {"chunk": 0}, {"gpus_per_actor": -1.0}):
+        with pytest.raises(ValueError):
+            RayConfig(**bad)
+    replay = tmp_path / "turns.json"
+    replay.write_text(json.dumps(turns(0)))
+    r = CliRunner().invoke(app, [
+        "collect", str(FIXTURE), "--problem-field", "question", "--answer-field", "answer",
+        "--answer-format", "gsm8k", "--out", str(tmp_path / "store"), "--replay", str(replay),
+        "--ray", "--ray-actors", "0"])
+    assert r.exit_code == 2 and "ray actors must be at least 1" in r.output
+    assert not ray.is_initialized()
