@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -136,10 +137,15 @@ class _CollectActor:
     """Runs jobs on its node: one backend, one kernel pool, the batched runner."""
 
     def __init__(self, spec: BackendSpec, exec_cfg: Any, concurrency: int,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], threads: int) -> None:
         from tirforge.executors import KernelPool
 
         os.environ.update(env)
+        # Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU: a model on the CPU would
+        # run on one core. Give it this actor's share of the node instead.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
         self.concurrency = concurrency
         self.backend = spec.build(max_batch=concurrency)
         self.pool = KernelPool(replace(exec_cfg, pool_size=concurrency)).start()
@@ -246,14 +252,15 @@ class RayCollector:
         handles = []
         for node in placed:
             cpus = int(node.get("Resources", {}).get("CPU", 1))
-            conc = self.cfg.concurrency or max(1, cpus // per_node[node["NodeID"]])
+            share = max(1, cpus // per_node[node["NodeID"]])  # this actor's CPUs
+            conc = self.cfg.concurrency or share
             # Kernels are processes Ray does not see: the pool is sized to the node's CPUs
             # instead of reserving them, so actors need no CPU of Ray's own.
             handles.append((conc, actor_cls.options(
                 num_cpus=0, num_gpus=self.cfg.gpus_per_actor, max_concurrency=2,
                 max_restarts=self.cfg.max_restarts, max_task_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-            ).remote(self.spec, self.exec_cfg, conc, self.cfg.env)))
+            ).remote(self.spec, self.exec_cfg, conc, self.cfg.env, share)))
         try:
             infos = ray.get([h.info.remote() for _, h in handles])
         except ray.exceptions.RayError as e:  # e.g. no bwrap / docker image / model on a node
