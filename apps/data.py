@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,7 +35,7 @@ from tirforge.agent.pipelines.collect import (
 )
 from tirforge.trajectories.datasets import FieldMap, Problem, load_dataset
 from tirforge.trajectories.schema import Trajectory
-from tirforge.trajectories.store import Store, StoreConfig, config_hash
+from tirforge.trajectories.store import Store, StoreConfig, StoreLocked, config_hash
 
 console = Console()
 
@@ -41,7 +44,7 @@ console = Console()
 
 
 def print_report(rep: CollectReport, samples: int) -> None:
-    """The collection summary as a table of one metric per row."""
+    """The collection summary as a table of one metric per row (+ one row per Ray actor)."""
     table = Table(title="collection summary")  # one metric per row: fits narrow terminals
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -53,9 +56,70 @@ def print_report(rep: CollectReport, samples: int) -> None:
         ("time", f"{rep.seconds:.1f}s"),
     ]:
         table.add_row(name, str(value))
+    if rep.workers:
+        table.add_row("retried (actor died)", str(len(rep.retried)))
     console.print(table)
+    print_workers(rep)
     for err in rep.errors[:10]:
         console.print(f"[red]failed[/red] {err}")
+
+
+def print_workers(rep: CollectReport) -> None:
+    """Per-actor throughput and retries of a Ray collection (nothing for a local one)."""
+    if not rep.workers:
+        return
+    table = Table(title="ray actors")
+    for col in ("actor", "node", "pid", "width", "traj", "traj/min", "retried", "restarts",
+                "state"):
+        table.add_column(col, justify="left" if col in ("actor", "node", "state") else "right")
+    for w in rep.workers:
+        table.add_row(w.name, w.node, str(w.pid), str(w.concurrency), str(w.trajectories),
+                      f"{w.per_minute:.1f}", str(w.retried), str(w.restarts),
+                      "alive" if w.alive else "[red]gone[/red]")
+    console.print(table)
+    if rep.retried:
+        shown = ", ".join(rep.retried[:10]) + (" ..." if len(rep.retried) > 10 else "")
+        console.print(f"retried on another actor: {shown}")
+
+
+@contextmanager
+def collect_progress(total: int, already: int, label: str = "collect"
+                     ) -> Iterator[Callable[[Trajectory | None], None]]:
+    """One progress bar over every worker; yields the per-result callback. Without a terminal
+    it logs a line at every 10% instead (CI logs, ``nohup``, a cluster job's output)."""
+    t0, counts = time.perf_counter(), {"n": 0, "correct": 0, "logged": -1}
+
+    def rate() -> float:
+        return counts["n"] / max(1e-9, time.perf_counter() - t0)
+
+    def count(traj: Trajectory | None) -> None:
+        counts["n"] += 1
+        counts["correct"] += traj is not None and traj.verdict == "correct"
+
+    if not console.is_terminal:
+        def on_line(traj: Trajectory | None) -> None:
+            count(traj)
+            done = already + counts["n"]
+            tenth = 10 * done // max(1, total)
+            if tenth > counts["logged"] or done == total:
+                counts["logged"] = tenth
+                console.log(f"{label}: {done}/{total} ({done / max(1, total):.0%}), "
+                            f"correct {counts['correct']}, {rate():.2f} traj/s")
+
+        yield on_line
+        return
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("correct {task.fields[correct]}"), TextColumn("{task.fields[rate]} traj/s"),
+        TimeRemainingColumn(), console=console,
+    ) as progress:
+        task = progress.add_task(label, total=total, completed=already, correct=0, rate="-")
+
+        def on_bar(traj: Trajectory | None) -> None:
+            count(traj)
+            progress.update(task, advance=1, correct=counts["correct"], rate=f"{rate():.2f}")
+
+        yield on_bar
 
 
 def _load(dataset: str, fields: FieldMap | None, limit: int | None,
@@ -64,7 +128,7 @@ def _load(dataset: str, fields: FieldMap | None, limit: int | None,
     try:
         return load_dataset(dataset, fields, limit=limit, allow_network=allow_network)
     except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -77,6 +141,15 @@ AnswerField = Annotated[
 AnswerFormat = Annotated[
     str | None, typer.Option(help="raw, gsm8k (#### N), boxed (from a solution), list, ...")
 ]
+RayFlag = Annotated[bool, typer.Option(
+    "--ray", help="Run on a Ray cluster: one actor per node, each with its own model backend "
+                  "and kernel pool; this process writes the store.")]
+RayAddress = Annotated[str | None, typer.Option(
+    help="Ray cluster to join (host:port or ray://...); default: the local Ray instance "
+         "(RAY_ADDRESS, a `ray start` cluster here, else a new one).")]
+RayActors = Annotated[int | None, typer.Option(
+    help="Ray actors in all (default: one per node).")]
+RayGpus = Annotated[float, typer.Option(help="GPUs per Ray actor (its own vLLM engine).")]
 
 
 def collect(
@@ -88,13 +161,18 @@ def collect(
     backend: Annotated[str, typer.Option(help="transformers, openai (any OpenAI-compatible "
                                          "server) or vllm.")] = "transformers",
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
+        "OPENAI_API_KEY"
+    ),
     format: Annotated[str, typer.Option(help="Prompt format: qwen-tir, qwen-cot, dotamath.")
                       ] = "qwen-tir",
     limit: Annotated[int | None, typer.Option(help="First N problems only.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     max_turns: Annotated[int, typer.Option(help="Model turns at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 512,
-    concurrency: Annotated[int, typer.Option(help="Trajectories in flight (kernels).")] = 4,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Trajectories in flight (kernels); with --ray per actor, default: its node's "
+             "CPUs. [default: 4]")] = None,
     executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
     sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap, none.")] = "auto",
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
@@ -106,12 +184,16 @@ def collect(
         help="Testing: replay these assistant turns (JSON list) instead of a model.")] = None,
     allow_network: Annotated[bool, typer.Option(
         help="Allow hub downloads (the model, and a named dataset with no local copy).")] = False,
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpus = 0.0,
 ) -> None:
     """Run the agent K times on every problem of DATASET into a resumable store."""
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.formats import FORMATS
     from tirforge.agent.graph import AgentConfig
-    from tirforge.executors import ExecutorConfig, KernelPool
+    from tirforge.executors import ExecutorConfig
 
     if format not in FORMATS:
         raise typer.BadParameter(f"unknown format; one of {', '.join(FORMATS)}",
@@ -125,43 +207,95 @@ def collect(
     )
     model_name = "replay" if replay else model
     cfg_hash = config_hash({"model": model_name, "agent": asdict(agent_cfg)})
-    try:
-        with console.status(f"Loading {model} ({backend}) ..."):
-            shared = make_run_backend(model, replay, allow_network=allow_network,
-                                      max_batch=concurrency, backend=backend, base_url=base_url,
-                                      log=console.log)
-    except (ValueError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-
-    exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
-                              pool_size=max(1, concurrency))
     store = Store(out, StoreConfig(fsync=fsync))
-    total = len(problems) * samples
-    console.log(f"{len(problems)} problems x {samples} samples -> {out} (config {cfg_hash})")
-    with KernelPool(exec_cfg) as pool, store, Progress(
-        TextColumn("[bold]collect"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("correct {task.fields[correct]}"), TextColumn("{task.fields[rate]} traj/s"),
-        TimeRemainingColumn(), console=console,
-    ) as progress:
-        pool.install_signal_handlers()
-        already = len(store.done_keys() & {(p.id, k, cfg_hash) for p in problems
-                                           for k in range(samples)})
-        task = progress.add_task("collect", total=total, completed=already, correct=0, rate="-")
-        t0, counts = time.perf_counter(), {"n": 0, "correct": 0}
+    try:
+        store.acquire()  # before anything slow: a second writer is told at once who holds it
+    except StoreLocked as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    width = 4 if concurrency is None else max(1, concurrency)
+    exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
+                              pool_size=max(1, width))
+    with store:
+        if ray:
+            spec = backend_spec(model, backend, replay, base_url, api_key_env, allow_network)
+            with ray_collector(spec, exec_cfg, ray_address, ray_actors, concurrency,
+                               ray_gpus_per_actor, api_key_env) as rc:
+                collect_fn = partial(rc.collect, model_name=model_name)
+                rep = _collect(problems, samples, store, cfg_hash, agent_cfg, out, collect_fn)
+        else:
+            from tirforge.executors import KernelPool
 
-        def on_done(traj: Trajectory | None) -> None:
-            counts["n"] += 1
-            counts["correct"] += traj is not None and traj.verdict == "correct"
-            rate = counts["n"] / (time.perf_counter() - t0)
-            progress.update(task, advance=1, correct=counts["correct"], rate=f"{rate:.2f}")
-
-        rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
-                          backend=shared, pool=pool, agent_cfg=agent_cfg,
-                          concurrency=concurrency, model_name=model_name, on_done=on_done)
+            try:
+                with console.status(f"Loading {model} ({backend}) ..."):
+                    shared = make_run_backend(model, replay, allow_network=allow_network,
+                                              max_batch=width, backend=backend,
+                                              base_url=base_url, api_key_env=api_key_env,
+                                              log=console.log)
+            except (ValueError, ImportError) as e:
+                console.print(f"[red]error:[/red] {escape(str(e))}")
+                raise typer.Exit(2) from None
+            with KernelPool(exec_cfg) as pool:
+                pool.install_signal_handlers()
+                collect_fn = partial(run_collect, backend=shared, pool=pool, concurrency=width,
+                                     model_name=model_name)
+                rep = _collect(problems, samples, store, cfg_hash, agent_cfg, out, collect_fn)
     print_report(rep, samples)
     if rep.failed:
         raise typer.Exit(1)
+
+
+def _collect(problems: list[Problem], samples: int, store: Store, cfg_hash: str, agent_cfg,
+             out: Path, collect_fn: Callable[..., CollectReport]) -> CollectReport:
+    """Run ``collect_fn`` (local ``run_collect`` or ``RayCollector.collect``) under one bar."""
+    console.log(f"{len(problems)} problems x {samples} samples -> {out} (config {cfg_hash})")
+    wanted = {(p.id, k, cfg_hash) for p in problems for k in range(samples)}
+    already = len(store.done_keys() & wanted)
+    with collect_progress(len(wanted), already) as on_done:
+        return collect_fn(problems, samples=samples, store=store, cfg_hash=cfg_hash,
+                          agent_cfg=agent_cfg, on_done=on_done)
+
+
+def backend_spec(model: str, backend: str, replay: Path | None, base_url: str | None,
+                 api_key_env: str, allow_network: bool):
+    """What every Ray actor builds its backend from (a replay file is sent as its turns)."""
+    from tirforge.agent.pipelines.distributed import BackendSpec
+
+    turns = None
+    if replay is not None:
+        turns = json.loads(replay.read_text())
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            console.print(f"[red]error:[/red] {replay}: expected a JSON list of assistant turns")
+            raise typer.Exit(2)
+    return BackendSpec(model=model, backend=backend, replay_turns=turns, base_url=base_url,
+                       api_key_env=api_key_env, allow_network=allow_network)
+
+
+@contextmanager
+def ray_collector(spec, exec_cfg, address: str | None, actors: int | None,
+                  concurrency: int | None, gpus: float, api_key_env: str) -> Iterator:
+    """A started ``RayCollector`` or a clear exit (Ray missing, cluster unreachable)."""
+    import os
+
+    from tirforge.agent.pipelines.distributed import RayCollector, RayConfig
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", api_key_env) if k in os.environ}
+    rc = None
+    try:
+        cfg = RayConfig(address=address, actors=actors, concurrency=concurrency,
+                        gpus_per_actor=gpus, env=env)
+        rc = RayCollector(spec, exec_cfg, cfg, log=console.log)
+        with console.status("Starting Ray actors (each loads its model and kernels) ..."):
+            rc.start()
+    except (ImportError, ConnectionError, ValueError, RuntimeError) as e:
+        if rc is not None:
+            rc.close()
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    try:
+        yield rc
+    finally:
+        rc.close()
 
 
 # --------------------------------------------------------------------------- selection / export

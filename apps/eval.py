@@ -8,13 +8,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tirforge.agent.pipelines.evaluate import EvalConfig, run_benchmark
+from tirforge.apps.data import (
+    RayActors,
+    RayAddress,
+    RayFlag,
+    RayGpus,
+    backend_spec,
+    ray_collector,
+)
+from tirforge.trajectories.store import StoreLocked
 
 console = Console()
 
@@ -72,7 +82,9 @@ def eval_command(
     top_p: Annotated[float, typer.Option(help="top-p of the N samples.")] = 0.8,
     max_turns: Annotated[int, typer.Option(help="Model turns at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 1024,
-    concurrency: Annotated[int, typer.Option(help="Trajectories in flight.")] = 4,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Trajectories in flight; with --ray per actor, default: its node's CPUs. "
+             "[default: 4]")] = None,
     out: Annotated[Path, typer.Option(help="Stores and result files.")] = Path("runs/eval"),
     executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
     sandbox: Annotated[str, typer.Option(help="auto, bwrap or none.")] = "auto",
@@ -81,6 +93,10 @@ def eval_command(
         help="Testing: replay these assistant turns (JSON list) instead of a model.")] = None,
     allow_network: Annotated[bool, typer.Option(
         help="Allow hub downloads (the model, and a benchmark with no local copy).")] = False,
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    ray_actors: RayActors = None,
+    ray_gpus_per_actor: RayGpus = 0.0,
 ) -> None:
     """Evaluate a model: greedy, maj@N and RM@N per benchmark, as in the Qwen2.5-Math report."""
     from tirforge.agent.pipelines.collect import make_run_backend
@@ -104,26 +120,53 @@ def eval_command(
     cfg = EvalConfig(
         benchmarks=names, model="replay" if replay else model, format=format, n=n,
         temperature=temperature, top_p=top_p, limit=limit, max_turns=max_turns,
-        max_new_tokens=max_new_tokens, timeout=timeout, concurrency=concurrency, out=out, rm=rm,
+        max_new_tokens=max_new_tokens, timeout=timeout, out=out, rm=rm,
+        concurrency=4 if concurrency is None else max(1, concurrency),
         search_beam=search_beam, value=value, executor=executor, sandbox=sandbox,
     )
+    if ray:
+        if search_beam > 0:
+            raise typer.BadParameter("step search runs on one machine only",
+                                     param_hint="--search-beam with --ray")
+        spec = backend_spec(model, backend, replay, base_url, api_key_env, allow_network)
+        with ray_collector(spec, cfg.executor_config(), ray_address, ray_actors, concurrency,
+                           ray_gpus_per_actor, api_key_env) as rc:
+            rows = _run_all(names, cfg, None, None, rc)
+        _finish(rows, cfg, out)
+        return
     try:
         with console.status(f"Loading {model} ({backend}) ..."):
             backend_obj = make_run_backend(model, replay, allow_network=allow_network,
-                                           max_batch=concurrency, backend=backend,
+                                           max_batch=cfg.concurrency, backend=backend,
                                            base_url=base_url, api_key_env=api_key_env,
                                            log=console.log)
     except (ValueError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
-    rows: dict[str, dict[str, float]] = {}
     with KernelPool(cfg.executor_config()) as pool:
         pool.install_signal_handlers()
-        for bench in names:
+        rows = _run_all(names, cfg, backend_obj, pool, None)
+    _finish(rows, cfg, out)
+
+
+def _run_all(names: list[str], cfg: EvalConfig, backend: Any, pool: Any,
+             collector: Any) -> dict[str, dict[str, float]]:
+    """Every benchmark's row; a store held by another writer ends the command clearly."""
+    rows: dict[str, dict[str, float]] = {}
+    for bench in names:
+        try:
             with console.status(f"{bench}: solving ..."):
-                rows[bench] = run_benchmark(bench, cfg, backend_obj, pool,
-                                            log=lambda m: console.print(m, style="yellow"))
-            console.log(f"{bench}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[bench].items()))
+                rows[bench] = run_benchmark(bench, cfg, backend, pool,
+                                            log=lambda m: console.print(m, style="yellow"),
+                                            collector=collector)
+        except StoreLocked as e:
+            console.print(f"[red]error:[/red] {escape(str(e))}")
+            raise typer.Exit(2) from None
+        console.log(f"{bench}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[bench].items()))
+    return rows
+
+
+def _finish(rows: dict[str, dict[str, float]], cfg: EvalConfig, out: Path) -> None:
     table, md, data = render(rows, cfg)
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -149,14 +149,13 @@ def _reference_steps(solution: str, variant: int) -> tuple[list[Step], str]:
 
 def gsm8k_graded(store: str, out: str) -> None:
     """Write the store's trajectories + two reference-solution trajectories per problem."""
-    import glob
     from collections import Counter
 
     from tirforge.trajectories.datasets import data_root
     from tirforge.trajectories.grading import grade
-    from tirforge.trajectories.schema import read_jsonl
+    from tirforge.trajectories.store import Store
 
-    real = [t for f in sorted(glob.glob(os.path.join(store, "*.jsonl"))) for t in read_jsonl(f)]
+    real = Store(store).read()  # each key once, even in a store an older version wrote twice
     if not real:
         raise SystemExit(f"no trajectories in {store} (tirforge collect gsm8k --out {store} ...)")
     rows = [json.loads(ln) for ln in open(data_root() / "gsm8k" / "test.jsonl")]

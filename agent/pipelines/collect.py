@@ -26,6 +26,33 @@ from tirforge.trajectories.store import Store
 
 
 @dataclass
+class WorkerStats:
+    """One worker (a Ray actor) of a distributed collection."""
+
+    name: str
+    node: str
+    """Node it runs on: ``address/first 6 hex digits of the Ray node id``."""
+    pid: int
+    """Process id of its latest incarnation (an actor restarted after a crash has a new one)."""
+    concurrency: int
+    """Trajectories in flight on it (its kernel pool size)."""
+    trajectories: int = 0
+    """Results it delivered in this run (stored, or failed jobs)."""
+    retried: int = 0
+    """Jobs it had in hand when it died, handed back to the queue and run again."""
+    restarts: int = 0
+    """Times it died (process killed, OOM, node lost) and came back."""
+    seconds: float = 0.0
+    """Seconds it spent running jobs."""
+    alive: bool = True
+
+    @property
+    def per_minute(self) -> float:
+        """Trajectories per minute of its running time."""
+        return 60.0 * self.trajectories / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class CollectReport:
     """Summary of the trajectories in a store for one config over a problem set."""
 
@@ -44,6 +71,10 @@ class CollectReport:
     kernel_restarts: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    """``problem#sample`` of jobs re-run because the worker holding them died (Ray)."""
+    workers: list[WorkerStats] = field(default_factory=list)
+    """Per-worker throughput and retries (Ray); empty for a one-machine collection."""
 
 
 def summarize(trajs: Sequence[Trajectory], problems: Sequence[Problem]) -> CollectReport:
@@ -93,10 +124,14 @@ def run_collect(
     on_done: Callable[[Trajectory | None], None] | None = None,
 ) -> CollectReport:
     """Solve every (problem, sample) not yet in ``store`` with the batched runner; each result
-    is stored as it lands, and a job that raises is counted (and retried by the next run)."""
+    is stored as it lands, and a job that raises is counted (and retried by the next run).
+
+    Takes the store's writer lock first (``StoreLocked`` names the holder when another process
+    writes it) and reads what is done only then, so no key is ever stored twice."""
     from tirforge.agent.runner import RunnerConfig, run_many
 
     t0 = time.perf_counter()
+    store.acquire()
     done = store.done_keys()
     jobs = [
         (p, k) for p in problems for k in range(samples) if (p.id, k, cfg_hash) not in done
@@ -122,15 +157,23 @@ def run_collect(
                               max_batch=max_batch or max(1, concurrency))
         run_many(problems, backend, pool, agent_cfg, runner, jobs=jobs, seed_of=job_seed,
                  on_result=on_result, model_name=model_name)
+    return store_report(store, problems, samples, cfg_hash, new=new, failed=failed,
+                        seconds=time.perf_counter() - t0)
+
+
+def store_report(store: Store, problems: Sequence[Problem], samples: int, cfg_hash: str, *,
+                 new: int, failed: list[str], seconds: float) -> CollectReport:
+    """The report of a collection over what the store holds for this config (each key once),
+    with this run's ``new`` count and ``failed`` jobs (``"problem#k: error"``)."""
     wanted = {p.id for p in problems}
     trajs = [t for t in store if t.config_hash == cfg_hash and t.problem_id in wanted
              and (t.sample or 0) < samples]  # a larger earlier run must not skew pass@k
     rep = summarize(trajs, problems)
-    rep.new, rep.failed, rep.errors = new, len(failed), failed
+    rep.new, rep.failed, rep.errors = new, len(failed), list(failed)
     attempts = len(trajs) + len(failed)
     stopped_on_error = sum(t.stop_reason == "error" for t in trajs)
     rep.error_rate = (len(failed) + stopped_on_error) / attempts if attempts else 0.0
-    rep.seconds = time.perf_counter() - t0
+    rep.seconds = seconds
     return rep
 
 

@@ -85,10 +85,15 @@ def is_correct(traj: Any) -> bool:
 
 
 def run_benchmark(bench: str, cfg: EvalConfig, backend: Any, pool: Any,
-                  log: Log = _quiet) -> dict[str, float]:
+                  log: Log = _quiet, *, collector: Any = None) -> dict[str, float]:
     """Greedy + sampled runs of one benchmark (resuming from the stores); its table row:
     ``problems`` and accuracies in percent (greedy, maj@N, pass@N, rm@N, rm_maj@N, search@BxM).
-    ``log`` gets a line per batch of failed trajectories (a re-run retries them)."""
+    ``log`` gets a line per batch of failed trajectories (a re-run retries them).
+
+    ``collector``: solve on a Ray cluster instead (``distributed.RayCollector``; ``backend`` and
+    ``pool`` may then be None). Step search runs here only: ValueError with ``search_beam``."""
+    if collector is not None and cfg.search_beam > 0:
+        raise ValueError("step search (search_beam) runs on one machine only, not on Ray")
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.graph import AgentConfig
     from tirforge.agent.pipelines.collect import run_collect
@@ -112,11 +117,18 @@ def run_benchmark(bench: str, cfg: EvalConfig, backend: Any, pool: Any,
         store = Store(cfg.out / slug(cfg.model) / bench / name)
 
         with store:
-            rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
-                              backend=backend, pool=pool, agent_cfg=agent_cfg,
-                              concurrency=cfg.concurrency, model_name=cfg.model)
+            if collector is None:
+                rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
+                                  backend=backend, pool=pool, agent_cfg=agent_cfg,
+                                  concurrency=cfg.concurrency, model_name=cfg.model)
+            else:
+                rep = collector.collect(problems, samples=samples, store=store,
+                                        cfg_hash=cfg_hash, agent_cfg=agent_cfg,
+                                        model_name=cfg.model)
         if rep.failed:
             log(f"{bench}/{name}: {rep.failed} trajectories failed")
+        if rep.retried:
+            log(f"{bench}/{name}: {len(rep.retried)} jobs re-run after their actor died")
         grouped: dict[str, list] = {p.id: [] for p in problems}
         for t in store:
             if t.config_hash == cfg_hash and t.problem_id in grouped and t.sample < samples:
