@@ -40,6 +40,12 @@ class Step(BaseModel):
     gen_s: float = 0.0
     """Seconds spent generating ``text``."""
 
+    @property
+    def fault(self) -> str | None:
+        """The kind of failure of this step's cell (``ExecutionResult.fault``; stored with the
+        execution, so old rows without it load as None)."""
+        return self.execution.fault if self.execution is not None else None
+
 
 class Trajectory(BaseModel):
     """A multi-turn tool-integrated solution attempt."""
