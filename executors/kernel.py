@@ -232,8 +232,11 @@ class KernelExecutor:
                 if not self._process_alive():
                     raise RuntimeError("the kernel process exited while starting") from None
                 continue
-            try:  # iopub is a SUB socket: only once it delivers is it safe to run cells
-                self.kc.iopub_channel.get_msg(timeout=0.5)
+            # iopub is a SUB socket: only once it delivers is it safe to run cells. Its
+            # subscription lands a few ms after connecting; poll briefly and ping again rather
+            # than wait long for a status message that was published before it.
+            try:
+                self.kc.iopub_channel.get_msg(timeout=0.02)
             except queue.Empty:
                 continue
             with contextlib.suppress(queue.Empty):
