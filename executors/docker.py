@@ -40,6 +40,7 @@ from docker.types import LogConfig, Ulimit
 
 from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.kernel import KernelExecutor
+from tirforge.executors.result import SandboxUnavailable
 from tirforge.executors.sandbox_image import docker_client
 
 LABEL = "tirforge.executor"
@@ -191,7 +192,11 @@ class DockerKernelExecutor(KernelExecutor):
     def _start_sandbox(self) -> None:
         try:
             super()._start_sandbox()
+        except SandboxUnavailable:
+            raise
         except (TimeoutError, RuntimeError) as e:
+            if self.container is None:
+                raise
             raise type(e)(f"{e}:\n{self._logs_tail()}") from None
 
     def _kill(self) -> None:
@@ -232,7 +237,7 @@ class DockerKernelExecutor(KernelExecutor):
                 client.images.get(self.config.image)
             except docker.errors.ImageNotFound:
                 client.close()
-                raise RuntimeError(
+                raise SandboxUnavailable(
                     f"the sandbox image {self.config.image} does not exist: run "
                     "`tirforge sandbox build` (or .ci/docker-setup.sh)"
                 ) from None

@@ -23,7 +23,7 @@ from jupyter_client import BlockingKernelClient
 from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, ControlLost
 from tirforge.executors.faults import classify
-from tirforge.executors.result import ExecutionResult, strip_ansi
+from tirforge.executors.result import ExecutionResult, SandboxUnavailable, strip_ansi
 
 # Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file).
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False"]
@@ -328,10 +328,15 @@ class KernelExecutor:
         """Execute one cell; never raises for anything the cell does.
 
         ``timeout`` (seconds) defaults to ``config.timeout``. If no kernel can be started the
-        result says so (``fault="start_failed"``) instead of raising.
+        result says so (``fault="start_failed"`` or ``"sandbox_unavailable"``) instead of raising.
         """
         try:
             self.start()
+        except SandboxUnavailable as e:
+            return ExecutionResult(
+                error_name="SandboxUnavailable", error_value=str(e)[:2000],
+                fault="sandbox_unavailable",
+            )
         except Exception as e:  # the machinery failed, not the cell
             return ExecutionResult(
                 error_name="KernelStartFailed", error_value=str(e)[:2000], fault="start_failed"

@@ -29,6 +29,7 @@ from typing import Any
 
 from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.kernel import KernelExecutor
+from tirforge.executors.result import SandboxUnavailable
 
 #: Host variables a kernel may see (values copied when set); everything else is dropped, so no
 #: secret reaches model code whatever it is called. Source: the Docker backend's fixed env.
@@ -187,7 +188,7 @@ class LocalKernelExecutor(KernelExecutor):
         mode = self.config.sandbox
         if mode in ("auto", "bwrap") and not bwrap_available():
             # Fail closed: never run model code unsandboxed unless asked to by name.
-            raise RuntimeError(f"sandbox={mode!r}: {NO_BWRAP_HELP}")
+            raise SandboxUnavailable(f"sandbox={mode!r}: {NO_BWRAP_HELP}")
         self.sandbox = "bwrap" if mode == "auto" else mode
         self.proc: subprocess.Popen | None = None
         self._cgroup: KernelCgroup | None = None
@@ -200,7 +201,12 @@ class LocalKernelExecutor(KernelExecutor):
     def _launch(self) -> None:
         if self.workdir is None:
             self.workdir = tempfile.mkdtemp(prefix="tirforge-kernel-")
-        self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-")
+        self._cgroup = KernelCgroup.create(self.config.memory_mb, self.config.max_processes)
+        # The socket dir is the one host dir a cell can write to (inside bwrap the sandbox uid
+        # maps to ours, so no chmod closes it). On /dev/shm its files are memory charged to
+        # the kernel's memory cgroup: bounded by memory_mb, never host disk.
+        shm = "/dev/shm" if self._cgroup and "memory" in self._cgroup.dirs else None
+        self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-", dir=shm)
         os.chmod(self._sock_dir, 0o700)
         env = {**self.env, "PYTHONDONTWRITEBYTECODE": "1"}
         env.setdefault("PATH", os.defpath)
@@ -211,7 +217,6 @@ class LocalKernelExecutor(KernelExecutor):
         cmd = [*self._limits(), *self.server_command(sys.executable)]
         if self.sandbox == "bwrap":
             cmd = self._bwrap_prefix() + cmd
-        self._cgroup = KernelCgroup.create(self.config.memory_mb, self.config.max_processes)
         if self._cgroup is not None:
             # Join the cgroup before exec, so nothing the kernel forks escapes the caps.
             cmd = self._cgroup.join_prefix() + cmd

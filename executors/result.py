@@ -46,6 +46,11 @@ RESOURCE_FAULTS: frozenset[str] = frozenset({"memory", "processes", "disk", "out
 INFRA_FAULTS: frozenset[str] = frozenset({"kernel_died", "start_failed", "sandbox_unavailable"})
 
 
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here (no bubblewrap, no Docker daemon or image); the message
+    says how to get it. ``run`` reports it as ``fault="sandbox_unavailable"``."""
+
+
 class ExecutionResult(BaseModel):
     """The outcome of one cell in a kernel."""
 

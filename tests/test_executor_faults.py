@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(300)
 PROBE = (
     "import os, threading, builtins, math, sys\n"
     "(len([p for p in os.listdir('/proc') if p.isdigit()]), threading.active_count(),"
-    " sorted(os.listdir('.')), sorted(n for n in os.listdir('/tmp') if not n.startswith('.')),"
+    " sorted(os.listdir('.')), sorted(n for n in os.listdir('/tmp')"
+    " if not n.startswith(('.', 'tirforge-ipc-', 'tirforge-kernel-'))),"
     " builtins.abs(-2), math.pi, 'evil_mod' in sys.modules, os.environ.get('EVIL'))"
 )
 
@@ -251,3 +252,19 @@ def test_output_flood_is_cut_inside_the_kernel(make_kernel):
         assert r.fault == "output" and not r.restarted, (code, r.to_text()[:500])
         assert len(r.stdout) + len(r.stderr) + len(r.result or "") < 11_000
     assert k.run("keep").result == "1"
+
+
+def test_a_cell_that_kills_its_fork_server_is_recovered(make_kernel):
+    """The server shares the kernel's uid: a cell can kill it. The result says the kernel
+    died (its variables are lost) or, if the cell survived, the next return rebuilds the
+    sandbox; either way the next lease is clean."""
+    k = make_kernel()
+    fresh = probe(k)
+    r = k.run("import os, signal; os.kill(os.getppid(), signal.SIGKILL); os._exit(1)")
+    assert r.restarted and r.fault == "kernel_died", r.to_text()
+    assert probe(k) == fresh
+    r = k.run("import os, signal; os.kill(-1, signal.SIGKILL); x = 1")  # all but itself
+    # Without its server (and, in bwrap, its pid 1) the kernel may die at once (restarted)
+    # or live to the return, which then finds the server gone and builds a new sandbox.
+    assert r.restarted or k.reset() is True
+    assert probe(k) == fresh
