@@ -11,7 +11,7 @@
 5. returning a kernel: the old in-kernel reset (namespace clear, kill the kernel's own
    descendants -- leaks daemons, threads' state, builtins, modules; kept here as the baseline)
    vs the fork server's fresh kernel: reset p50, pool resets/s, and the lease p50 at a
-   collection's steady state (workers that hold a kernel ~0.3 s, return it, lease again).
+   collection's steady state (workers that hold a kernel ``HOLD_S``, return it, lease again).
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ def steady_leases(pool: KernelPool, workers: int, seconds: float, hold: float) -
     return waits
 
 
+# Seconds a worker holds a kernel per trajectory: model generation dominates a trajectory
+# (seconds per turn on CPU), so 1 s is on the short side of a collection's steady state.
+HOLD_S = 1.0
+
+
 def section_reset(configs: dict[str, ExecutorConfig], quick: bool) -> None:
     print("\n## 5. returning a kernel: old in-kernel reset (before) vs fork server (after)")
     n, secs, workers = (10, 3.0, 4) if quick else (40, 8.0, 4)
@@ -152,7 +157,7 @@ def section_reset(configs: dict[str, ExecutorConfig], quick: bool) -> None:
                 row[f"{mode} resets/s"] = pool_resets_per_s(pool, secs)
                 while pool.idle < pool.capacity:
                     time.sleep(0.01)
-                waits = steady_leases(pool, workers, secs, hold=0.3)
+                waits = steady_leases(pool, workers, secs, hold=HOLD_S)
             row[f"{mode} lease p50"] = statistics.median(waits)
             row[f"{mode} lease p99"] = pct(waits, .99)
         print(f"{name:20s} reset p50 {ms(row['before reset p50'])} -> {ms(row['after reset p50'])}"

@@ -54,13 +54,15 @@ class KernelPool:
         factory: Callable[[ExecutorConfig], Executor] = make_executor,
     ):
         """``size``: kernels leased at once at most (default ``config.pool_size``); ``spare``:
-        extra warm kernels resetting while others are handed out (default ``size // 8``, at
-        least 1: at a 0.1 s reset that covers a return every ~15 ms per 8 workers)."""
+        extra warm kernels resetting while others are handed out. Leases stay instant while
+        ``spare >= size * reset time / time a trajectory holds its kernel``; the default
+        ``max(2, size // 8)`` covers trajectories of >= 1.6 s at a 0.2 s reset (measured in
+        docs/benchmarks.md); raise it for short trajectories."""
         self.config = config or ExecutorConfig()
         self.size = size if size is not None else self.config.pool_size
         if self.size < 1:
             raise ValueError("pool size must be at least 1")
-        self.spare = spare if spare is not None else max(1, self.size // 8)
+        self.spare = spare if spare is not None else max(2, self.size // 8)
         if self.spare < 0:
             raise ValueError("spare must be >= 0")
         self._leases = threading.BoundedSemaphore(self.size)

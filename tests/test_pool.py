@@ -32,7 +32,7 @@ def wait_idle(pool, n=None, timeout=20):
 
 
 def test_lease_reset_on_return(pool):
-    assert pool.idle == pool.capacity == 3  # size 2 + one spare
+    assert pool.idle == pool.capacity == 4  # size 2 + two spares
     with pool.kernel() as k:
         k.run("leak = 'from trajectory 1'")
     wait_idle(pool)
