@@ -9,7 +9,7 @@ Isolation, from strongest to weakest layer:
   fork server, kernel and everything they start. Without root there is none: the caps below
   are per process only.
 - setrlimit (always, via ``prlimit``): address space, CPU seconds, file size, and processes
-  (the process cap only bites inside bwrap's user namespace, or for a non-root user).
+  (the process cap only inside bwrap's user namespace).
 - an environment built from an allowlist, not the host's.
 """
 
@@ -239,7 +239,7 @@ class LocalKernelExecutor(KernelExecutor):
             f"--cpu={c.cpu_seconds}",
             f"--fsize={c.max_file_mb * mb}",
         ]
-        if self.sandbox == "bwrap" or os.geteuid() != 0:
+        if self.sandbox == "bwrap":
             limits.append(f"--nproc={c.max_processes}")
         return ["prlimit", *limits, "--"]
 
