@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -125,9 +126,11 @@ class KernelCgroup:
                             return int(value)
         return None
 
-    def remove(self) -> None:
-        """SIGKILL every process in it (daemonised ones too), then remove it."""
-        for path in sorted(set(self.dirs.values())):
+    def remove(self, reap: Callable[[], object] = lambda: None) -> None:
+        """SIGKILL every process in it (daemonised ones too), ``reap()`` our own child among
+        them (a zombie keeps the cgroup busy), then remove it."""
+        paths = sorted(set(self.dirs.values()))
+        for path in paths:
             for _ in range(100):
                 try:
                     with open(os.path.join(path, "cgroup.procs")) as f:
@@ -140,7 +143,9 @@ class KernelCgroup:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 time.sleep(0.01)
-            for _ in range(50):  # rmdir fails (EBUSY) until the last task has gone
+        reap()
+        for path in paths:
+            for _ in range(100):  # rmdir fails (EBUSY) until the last task has gone
                 try:
                     os.rmdir(path)
                     break
@@ -283,16 +288,19 @@ class LocalKernelExecutor(KernelExecutor):
 
     def _kill(self) -> None:
         if self._cgroup is not None:
-            self._cgroup.remove()
+            self._cgroup.remove(reap=self._reap)
             self._cgroup = None
+        self._reap()
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
+
+    def _reap(self) -> None:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
-        if self._sock_dir is not None:
-            shutil.rmtree(self._sock_dir, ignore_errors=True)
-            self._sock_dir = None
 
     def _sandbox_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

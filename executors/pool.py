@@ -147,7 +147,7 @@ class KernelPool:
         if self._closed:
             raise PoolClosed("pool is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._leases.acquire(timeout=-1 if timeout is None else timeout):
+        if not self._leases.acquire(timeout=timeout):  # None: wait as long as it takes
             raise TimeoutError(
                 f"no kernel free within {timeout}s (pool size {self.size}, all leased)"
             )

@@ -43,6 +43,18 @@ def test_lease_reset_on_return(pool):
     assert seen == ["False", "False"]
 
 
+def test_lease_without_timeout_waits_for_a_return(pool):
+    import threading
+
+    a, b = pool.lease(), pool.lease()  # all leased
+    threading.Timer(0.3, pool.release, (a,)).start()
+    t0 = time.monotonic()
+    c = pool.lease()  # no timeout: blocks until the return, never raises
+    assert time.monotonic() - t0 >= 0.25
+    pool.release(c)
+    pool.release(b)
+
+
 def test_spare_covers_the_reset(pool):
     # Return and lease at once, as a collection worker does: a ready spare, no reset wait.
     wait_idle(pool)
