@@ -123,3 +123,18 @@ def test_private_tmp_does_not_hide_a_venv_under_tmp(tmp_path):
     tmpfs = args.index("/tmp", args.index("--tmpfs"))
     binds = [i for i, a in enumerate(args) if a in ("--ro-bind", "--bind")]
     assert binds and all(i > tmpfs for i in binds)
+
+
+def test_limits_are_per_kernel_cgroups_removed_at_close():
+    ex = LocalKernelExecutor(sandbox="bwrap", memory_mb=700)
+    ex.start()
+    cg = ex._cgroup
+    assert cg is not None or os.geteuid() != 0  # as root the whole tree is capped
+    dirs, sock = (list(cg.dirs.values()) if cg else []), ex._sock_dir
+    if cg is not None and "memory" in cg.dirs:
+        limit = next(f for f in ("memory.max", "memory.limit_in_bytes")
+                     if os.path.exists(os.path.join(cg.dirs["memory"], f)))
+        assert int(Path(cg.dirs["memory"], limit).read_text()) == 700 * 2**20
+    assert ex.run("1").ok
+    ex.close()
+    assert not any(os.path.exists(d) for d in dirs) and not os.path.exists(sock)
