@@ -10,7 +10,7 @@ ANSWER  ?= 396
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup sandbox browser run test lint bench clean vllm-setup test-vllm bench-vllm
+.PHONY: setup sandbox browser bwrap run test lint bench clean vllm-setup test-vllm bench-vllm
 
 setup: $(STAMP)
 
@@ -35,7 +35,14 @@ browser:
 	@command -v chromium >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
 
-run: setup
+# The local sandbox refuses to run without bubblewrap: install it where we can (root + apt).
+bwrap:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap; }; }; } \
+		|| echo ">> bubblewrap missing: install it (sudo apt-get install bubblewrap) or run with --executor docker"
+
+run: setup bwrap
 	$(VENV)/bin/tirforge solve "$(PROBLEM)" --answer "$(ANSWER)" --out runs/solve.jsonl
 
 test: setup sandbox browser vllm-setup

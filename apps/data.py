@@ -53,6 +53,7 @@ def print_report(rep: CollectReport, samples: int) -> None:
         ("pass@1", f"{rep.pass_at_1:.1%}"), (f"pass@{samples}", f"{rep.pass_at_k:.1%}"),
         (f"maj@{samples}", f"{rep.maj_at_k:.1%}"), ("mean turns", f"{rep.mean_turns:.2f}"),
         ("error rate", f"{rep.error_rate:.1%}"), ("kernel restarts", rep.kernel_restarts),
+        ("faults (cells)", ", ".join(f"{k} {v}" for k, v in sorted(rep.faults.items())) or "-"),
         ("time", f"{rep.seconds:.1f}s"),
     ]:
         table.add_row(name, str(value))

@@ -7,12 +7,17 @@
 2. warm lease from the pool p50 vs cold start;
 3. a 10-turn trajectory (one small sympy cell per turn) on the stateful kernel vs the replay
    style of earlier TIR evaluators (each turn re-runs every earlier cell in a fresh process);
-4. throughput of trivial cells with 1, 4 and 16 concurrent kernels.
+4. throughput of trivial cells with 1, 4 and 16 concurrent kernels;
+5. returning a kernel: the old in-kernel reset (namespace clear, kill the kernel's own
+   descendants -- leaks daemons, threads' state, builtins, modules; kept here as the baseline)
+   vs the fork server's fresh kernel: reset p50, pool resets/s, and the lease p50 at a
+   collection's steady state (workers that hold a kernel ``HOLD_S``, return it, lease again).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +39,131 @@ CELLS = [
     "d = sympy.diff(sympy.sin(x) * x**2, x)",
     "print(total, roots, s, f, d)",
 ]
+
+
+# The pre-fork-server pool reset, run in the kernel (the "before" of section 5).
+LEGACY_RESET = """
+import os as _o, shutil as _s, signal as _g
+def _descendants(pid):
+    found = []
+    for tid in _o.listdir(f"/proc/{pid}/task"):
+        try:
+            kids = open(f"/proc/{pid}/task/{tid}/children").read().split()
+        except OSError:
+            kids = []
+        for kid in map(int, kids):
+            found += [kid, *_descendants(kid)]
+    return found
+for _pid in _descendants(_o.getpid()):
+    try:
+        _o.kill(_pid, _g.SIGKILL)
+    except OSError:
+        pass
+_o.chdir(WORKDIR)
+for _n in _o.listdir("."):
+    if _o.path.isdir(_n) and not _o.path.islink(_n):
+        _s.rmtree(_n, ignore_errors=True)
+    else:
+        _o.remove(_n)
+def _wipe():
+    import gc
+    ip = get_ipython()
+    ip.history_manager.reset(False)
+    ip.user_ns["_oh"].clear()
+    ip.displayhook._ = ip.displayhook.__ = ip.displayhook.___ = ""
+    ip.last_execution_result = None
+    ns = ip.user_global_ns
+    for k in [k for k in ns if k not in ("__builtin__", "__builtins__", "__name__")]:
+        del ns[k]
+    ip.user_ns_hidden.clear()
+    ip.init_user_ns()
+    gc.collect(1)
+_wipe()
+"""
+
+
+def legacy(cfg: ExecutorConfig):
+    """An executor whose reset is the old in-kernel one (cell + preload, no new process)."""
+    k = make_executor(cfg)
+
+    def reset() -> bool:
+        r = k._run(LEGACY_RESET.replace("WORKDIR", repr(k.workdir)), 5.0, may_restart=False)
+        assert r.ok, r.to_text()
+        k._preload()
+        return False
+
+    k.reset = reset
+    return k
+
+
+def reset_p50(k, n: int) -> float:
+    out = []
+    for _ in range(n):
+        k.run("x = 1")
+        t0 = time.perf_counter()
+        k.reset()
+        out.append(time.perf_counter() - t0)
+    return pct(out, .5)
+
+
+def pool_resets_per_s(pool: KernelPool, seconds: float) -> float:
+    """Kernels returned and re-leased per second, one trivial cell per lease."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        k = pool.lease(timeout=60)
+        k.run("1")
+        pool.release(k)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def steady_leases(pool: KernelPool, workers: int, seconds: float, hold: float) -> list[float]:
+    """Each worker: lease (timed), two trivial cells, hold ``hold`` s (generation), return."""
+    waits: list[float] = []
+
+    def work() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            k = pool.lease(timeout=60)
+            waits.append(time.perf_counter() - t0)
+            k.run("1")
+            k.run("2")
+            time.sleep(hold)
+            pool.release(k)
+
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda _: work(), range(workers)))
+    return waits
+
+
+# Seconds a worker holds a kernel per trajectory: model generation dominates a trajectory
+# (seconds per turn on CPU), so 1 s is on the short side of a collection's steady state.
+HOLD_S = 1.0
+
+
+def section_reset(configs: dict[str, ExecutorConfig], quick: bool) -> None:
+    print("\n## 5. returning a kernel: old in-kernel reset (before) vs fork server (after)")
+    n, secs, workers = (10, 3.0, 4) if quick else (40, 8.0, 4)
+    for name, cfg in configs.items():
+        row = {}
+        for mode in ("before", "after"):
+            k = legacy(cfg) if mode == "before" else make_executor(cfg)
+            with k:
+                row[f"{mode} reset p50"] = reset_p50(k, n)
+            factory = legacy if mode == "before" else make_executor
+            spare = 0 if mode == "before" else None  # the old pool had no spares
+            with KernelPool(cfg, size=workers, spare=spare, factory=factory) as pool:
+                row[f"{mode} resets/s"] = pool_resets_per_s(pool, secs)
+                while pool.idle < pool.capacity:
+                    time.sleep(0.01)
+                waits = steady_leases(pool, workers, secs, hold=HOLD_S)
+            row[f"{mode} lease p50"] = statistics.median(waits)
+            row[f"{mode} lease p99"] = pct(waits, .99)
+        print(f"{name:20s} reset p50 {ms(row['before reset p50'])} -> {ms(row['after reset p50'])}"
+              f"  pool resets/s {row['before resets/s']:6.1f} -> {row['after resets/s']:6.1f}"
+              f"  steady lease p50 {ms(row['before lease p50'])} -> {ms(row['after lease p50'])}"
+              f" (p99 {ms(row['before lease p99'])} -> {ms(row['after lease p99'])})")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -105,6 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docker", action="store_true", help="also measure the docker backend")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-reset", action="store_true", help="only section 5")
     args = ap.parse_args()
     n = 50 if args.quick else 300
     configs = {
@@ -114,6 +245,10 @@ def main() -> None:
     if args.docker:
         configs["docker"] = ExecutorConfig(backend="docker")
 
+    if args.only_reset:
+        del configs["local (no sandbox)"]
+        section_reset(configs, args.quick)
+        return
     print("## 1. trivial cell round trip")
     base = plain_client_round_trips(n)
     print(f"{'plain BlockingKernelClient':28s} p50 {ms(pct(base, .5))}  p99 {ms(pct(base, .99))}")
@@ -160,6 +295,7 @@ def main() -> None:
             tp = throughput(cfg, n_k, cells_each)
             one = one or tp
             print(f"{name:28s} {n_k:2d} kernels: {tp:7.0f} cells/s  ({tp / one:.2f}x of 1)")
+    section_reset({k: v for k, v in configs.items() if "no sandbox" not in k}, args.quick)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ class Executor(Protocol):
         """Interrupt the running cell from another thread (a user pressed Stop)."""
 
     def reset(self) -> bool:
-        """Forget all user state. Fast namespace reset when healthy; restart otherwise.
-        Returns True if the kernel had to be restarted."""
+        """Forget all user state: a fresh kernel, nothing of the old one left. Returns True
+        if the whole sandbox had to be restarted (the slow path)."""
 
     def restart(self) -> None:
         """Restart the kernel process (all state lost), preload again."""

@@ -1,12 +1,18 @@
-"""The Docker backend: each kernel is an ipykernel in its own locked-down container.
+"""The Docker backend: kernels are forked by a fork server in a locked-down container.
+
+The container's main process is the fork server (``forkserver.py``, passed as ``python3 -c``:
+the image needs nothing of tirforge); each reset kills the previous kernel with everything it
+left in the container and forks a fresh one, so a container serves many trajectories without
+carrying anything from one to the next, and without a container start per lease.
 
 The container gets no network (``network_mode="none"``), a read-only root filesystem, an
 unprivileged uid, no capabilities, ``no-new-privileges``, cgroup limits on memory, processes
 and CPU, and two small tmpfs mounts (``/work`` for the cell's files, ``/tmp``). Its
 environment holds nothing from the host. The kernel talks to us over ZMQ ``ipc`` sockets in a
 private directory bind-mounted at the same path inside and out, signed with a random HMAC key.
-Once the kernel answers, the key file is deleted and the directory taken back from it, so the
-one host-backed mount is closed to cells. Interrupts travel as Jupyter messages, so no signal
+Once a kernel answers, the key file is deleted and the directory taken back from it, so the
+one host-backed mount is closed to cells (it is reopened only while the next kernel starts,
+when no cell runs). Interrupts travel as Jupyter messages, so no signal
 ever has to cross the container boundary.
 
 Containers are labelled with the owning process (pid and start time). ``close`` removes a
@@ -24,7 +30,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -34,14 +39,13 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Ulimit
 
 from tirforge.executors.config import ExecutorConfig
-from tirforge.executors.kernel import KERNEL_ARGS, KernelExecutor, write_connection_file
+from tirforge.executors.kernel import KernelExecutor
+from tirforge.executors.result import SandboxUnavailable
 from tirforge.executors.sandbox_image import docker_client
 
 LABEL = "tirforge.executor"
 # Numeric, so the image needs no passwd entry; Debian and python:*-slim call it nobody.
 SANDBOX_UID = 65534
-CONNECTION_FILE = "kernel.json"  # as named by kernel.write_connection_file
-SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
 _SOCK_PREFIX = "tirforge-ipc-"
 _CONTAINER_ENV = {
     "HOME": "/work",
@@ -140,21 +144,20 @@ class DockerKernelExecutor(KernelExecutor):
         self._sock_dir: str | None = None
 
     # -- KernelExecutor hooks ----------------------------------------------------------------
-    def _launch(self) -> dict[str, Any]:
+    def _launch(self) -> None:
         client = self._docker()
         self._sock_dir = tempfile.mkdtemp(prefix=_SOCK_PREFIX)
-        conn_file, info = write_connection_file(self._sock_dir)
-        user = self._prepare_sock_dir(conn_file)
+        user = self._prepare_sock_dir()
         c = self.config
         mb = f"{c.memory_mb}m"
         _open_executors.add(self)
         self.container = client.containers.run(
             c.image,
-            ["python3", "-m", "ipykernel_launcher", "-f", conn_file, *KERNEL_ARGS],
+            self.server_command("python3"),
             name=f"tirforge-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}",
             detach=True,
             auto_remove=False,  # we remove it, after reading its logs if it failed to start
-            init=True,  # docker-init as pid 1 reaps zombies the cells leave behind
+            init=True,  # docker-init as pid 1 (the fork server also reaps, as a subreaper)
             user=user,
             environment=_CONTAINER_ENV,
             working_dir=self.workdir,
@@ -185,13 +188,16 @@ class DockerKernelExecutor(KernelExecutor):
                 f"{LABEL}.sock_dir": self._sock_dir,
             },
         )
-        self._wait_for_sockets()
-        return info
 
-    def _connect(self, info: dict[str, Any]) -> None:
-        super()._connect(info)
-        # Only now: until it answers, the kernel may still be rewriting its connection file.
-        self._lock_sock_dir()
+    def _start_sandbox(self) -> None:
+        try:
+            super()._start_sandbox()
+        except SandboxUnavailable:
+            raise
+        except (TimeoutError, RuntimeError) as e:
+            if self.container is None:
+                raise
+            raise type(e)(f"{e}:\n{self._logs_tail()}") from None
 
     def _kill(self) -> None:
         if self.container is not None:
@@ -201,7 +207,7 @@ class DockerKernelExecutor(KernelExecutor):
         _remove_sock_dir(self._sock_dir)
         self._sock_dir = None
 
-    def _process_alive(self) -> bool:
+    def _sandbox_alive(self) -> bool:
         if self.container is None:
             return False
         try:
@@ -209,6 +215,12 @@ class DockerKernelExecutor(KernelExecutor):
         except docker.errors.NotFound:
             return False
         return self.container.status == "running"
+
+    def _wipe_dirs(self) -> list[str]:
+        return [self.workdir, "/tmp"]
+
+    def _private_pids(self) -> bool:
+        return True
 
     def _cleanup(self) -> None:
         _open_executors.discard(self)
@@ -225,7 +237,7 @@ class DockerKernelExecutor(KernelExecutor):
                 client.images.get(self.config.image)
             except docker.errors.ImageNotFound:
                 client.close()
-                raise RuntimeError(
+                raise SandboxUnavailable(
                     f"the sandbox image {self.config.image} does not exist: run "
                     "`tirforge sandbox build` (or .ci/docker-setup.sh)"
                 ) from None
@@ -233,51 +245,39 @@ class DockerKernelExecutor(KernelExecutor):
             self._client = client
         return self._client
 
-    def _prepare_sock_dir(self, conn_file: str) -> str:
+    def _prepare_sock_dir(self) -> str:
         """Let the container user create sockets in the dir; return that user for Docker.
 
         As root we hand the dir to the sandbox uid (root still reaches its sockets). Otherwise
         the container runs as our own uid: sockets it creates must be ours to connect to.
         """
         assert self._sock_dir is not None
-        os.chmod(conn_file, 0o600)  # holds the HMAC key
         if os.geteuid() != 0:
             return f"{os.getuid()}:{os.getgid()}"
-        for path in (self._sock_dir, conn_file):
-            os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        os.chown(self._sock_dir, SANDBOX_UID, SANDBOX_UID)
         return f"{SANDBOX_UID}:{SANDBOX_UID}"
+
+    def _unlock_sock_dir(self, conn_file: str) -> None:
+        """Open the dir to the next kernel (bind sockets, read ``conn_file``): no cell runs
+        until it is locked again."""
+        assert self._sock_dir is not None
+        os.chmod(conn_file, 0o600)  # holds the HMAC key
+        if os.geteuid() == 0:
+            for path in (self._sock_dir, conn_file):
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        os.chmod(self._sock_dir, 0o700)
 
     def _lock_sock_dir(self) -> None:
         """Once the kernel is up it needs neither the key file nor the dir.
 
-        Delete the key file and take the dir back, so a cell can neither read the key from
-        disk nor fill the host's disk through this one host-backed mount. (A non-root host
-        runs the kernel as itself, so there the chmod is only a speed bump.)
+        The key file is already deleted; take the dir back, so a cell cannot fill the host's
+        disk through this one host-backed mount. (A non-root host runs the kernel as itself,
+        so there the chmod is only a speed bump.)
         """
         assert self._sock_dir is not None
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self._sock_dir, CONNECTION_FILE))
         if os.geteuid() == 0:
             os.chown(self._sock_dir, 0, 0)
         os.chmod(self._sock_dir, 0o700 if os.geteuid() == 0 else 0o500)
-
-    def _wait_for_sockets(self) -> None:
-        """Block until the kernel has bound all five sockets; fail fast if it exits."""
-        assert self.container is not None and self._sock_dir is not None
-        deadline = time.monotonic() + self.config.startup_timeout
-        next_check = 0.0
-        while not all(os.path.exists(os.path.join(self._sock_dir, s)) for s in SOCKETS):
-            now = time.monotonic()
-            if now > deadline:
-                raise TimeoutError(
-                    f"docker kernel did not open its sockets within "
-                    f"{self.config.startup_timeout}s:\n{self._logs_tail()}"
-                )
-            if now >= next_check:  # an API call: not on every 10 ms poll
-                next_check = now + 0.25
-                if not self._process_alive():
-                    raise RuntimeError(f"docker kernel exited while starting:\n{self._logs_tail()}")
-            time.sleep(0.01)
 
     def _logs_tail(self) -> str:
         assert self.container is not None

@@ -21,10 +21,13 @@ from typing import Any
 from jupyter_client import BlockingKernelClient
 
 from tirforge.executors.config import ExecutorConfig
-from tirforge.executors.result import ExecutionResult, strip_ansi
+from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, ControlLost
+from tirforge.executors.faults import classify
+from tirforge.executors.result import ExecutionResult, SandboxUnavailable, strip_ansi
 
 # Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file).
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False"]
+SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
 
 
 def write_connection_file(sock_dir: str) -> tuple[str, dict[str, Any]]:
@@ -47,48 +50,7 @@ def write_connection_file(sock_dir: str) -> tuple[str, dict[str, Any]]:
     return path, info
 
 
-# Kill whatever the cell left running (descendants of the kernel, found through /proc, never
-# kill(-1): without a pid namespace that would hit the host), clear the namespace and work dir.
-_RESET_CELL = """
-import os as _o, shutil as _s, signal as _g
-def _descendants(pid):
-    found = []
-    for tid in _o.listdir(f"/proc/{pid}/task"):
-        try:
-            kids = open(f"/proc/{pid}/task/{tid}/children").read().split()
-        except OSError:
-            kids = []
-        for kid in map(int, kids):
-            found += [kid, *_descendants(kid)]
-    return found
-for _pid in _descendants(_o.getpid()):
-    try:
-        _o.kill(_pid, _g.SIGKILL)
-    except OSError:
-        pass
-_o.chdir(WORKDIR)
-for _n in _o.listdir("."):
-    if _o.path.isdir(_n) and not _o.path.islink(_n):
-        _s.rmtree(_n, ignore_errors=True)
-    else:
-        _o.remove(_n)
-def _wipe():
-    # InteractiveShell.reset without its full gc.collect() (via displayhook.flush): ~100-230 ms
-    # with sympy loaded; a young-generation pass frees the usual garbage in well under 1 ms.
-    import gc
-    ip = get_ipython()
-    ip.history_manager.reset(False)
-    ip.user_ns["_oh"].clear()
-    ip.displayhook._ = ip.displayhook.__ = ip.displayhook.___ = ""
-    ip.last_execution_result = None
-    ns = ip.user_global_ns
-    for k in [k for k in ns if k not in ("__builtin__", "__builtins__", "__name__")]:
-        del ns[k]
-    ip.user_ns_hidden.clear()
-    ip.init_user_ns()
-    gc.collect(1)
-_wipe()
-"""
+_TRUNCATED = "\n...[truncated "  # the marker of _Capped and of the kernel's own caps
 
 
 class _Capped:
@@ -115,29 +77,71 @@ class _Capped:
 
 
 class KernelExecutor:
-    """Base class: one stateful kernel. Subclasses provide the process (see module doc)."""
+    """Base class: one stateful kernel. Subclasses provide the sandbox (see module doc).
+
+    The sandbox's main process is a fork server (``forkserver.py``) holding a warm, pre-imported
+    interpreter. Every kernel is a fresh fork of it; ``reset`` kills the old kernel with every
+    process, thread and file it left and forks a new one, so no state crosses a reset.
+    """
 
     #: Where cells start (and what ``reset`` empties); set by the subclass in ``_launch``.
     workdir: str | None = None
+    #: Private dir of the kernel's ipc sockets and the fork server's control socket.
+    _sock_dir: str | None = None
 
     def __init__(self, config: ExecutorConfig | None = None, **overrides: Any):
         self.config = dataclasses.replace(config or ExecutorConfig(), **overrides)
         self.kc: BlockingKernelClient | None = None
+        self._ctl: Control | None = None
+        self._spawns = 0  # kernels forked in this executor's life (the first wipes nothing)
+        self._oom_base: int | None = None  # OOM kills counted before the current cell
 
     # -- what a backend provides ---------------------------------------------------------
-    def _launch(self) -> dict[str, Any]:
-        """Start the kernel process; return its connection info."""
+    def _launch(self) -> None:
+        """Create ``_sock_dir`` and start the sandbox running ``server_command()``."""
         raise NotImplementedError
 
     def _kill(self) -> None:
-        """Stop the kernel process hard, with anything it spawned."""
+        """Stop the sandbox hard, with everything in it."""
         raise NotImplementedError
 
-    def _process_alive(self) -> bool:
+    def _sandbox_alive(self) -> bool:
         raise NotImplementedError
+
+    def _wipe_dirs(self) -> list[str]:
+        """Dirs (inside the sandbox) the fork server empties between kernels."""
+        return [self.workdir] if self.workdir else []
+
+    def _private_pids(self) -> bool:
+        """True when the sandbox has its own PID namespace (the server may kill(-1))."""
+        return False
+
+    def _unlock_sock_dir(self, conn_file: str) -> None:
+        """Let the next kernel bind its sockets and read ``conn_file``."""
+
+    def _lock_sock_dir(self) -> None:
+        """The kernel is up: close the socket dir to it again."""
+
+    def _oom_kills(self, status: dict[str, Any]) -> int | None:
+        """OOM kills so far in the sandbox's memory cgroup (None: unknown)."""
+        return status.get("oom_kills")
 
     def _cleanup(self) -> None:
         """Release what outlives restarts (work dirs, sockets); called by close."""
+
+    def server_command(self, python: str) -> list[str]:
+        """``python -c <fork server> <config>``: the sandbox's main process."""
+        assert self._sock_dir is not None and self.workdir is not None
+        cfg = {
+            "ctl": os.path.join(self._sock_dir, CTL_NAME),
+            "workdir": self.workdir,
+            "wipe": self._wipe_dirs(),
+            "pidns": self._private_pids(),
+            "preload": self.config.preload,
+            "kernel_args": KERNEL_ARGS,
+            "max_output_chars": self.config.max_output_chars,
+        }
+        return [python, "-c", FORKSERVER_SOURCE, json.dumps(cfg)]
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -145,15 +149,63 @@ class KernelExecutor:
         return self.config.timeout
 
     def start(self) -> None:
-        """Start the kernel and run the preload code; a no-op if already started."""
+        """Start the sandbox and a kernel, run the preload code; a no-op if already started.
+
+        Raises RuntimeError / TimeoutError if the sandbox or kernel does not come up.
+        """
         if self.kc is not None:
             return
         try:
-            self._connect(self._launch())
-            self._preload()
+            if self._ctl is None:
+                self._start_sandbox()
+            self._fresh_kernel()
         except Exception:
             self.close()
             raise
+
+    def _start_sandbox(self) -> None:
+        self._launch()
+        assert self._sock_dir is not None
+        deadline = time.monotonic() + self.config.startup_timeout
+        path = os.path.join(self._sock_dir, CTL_NAME)
+        self._ctl = Control.connect(path, deadline, self._sandbox_alive)
+
+    def _fresh_kernel(self) -> None:
+        """Kill the current kernel (and all it left), fork a new one, connect, preload."""
+        assert self._ctl is not None and self._sock_dir is not None
+        self._disconnect()
+        for name in SOCKETS:  # so that waiting for them waits for the *new* kernel
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._sock_dir, name))
+        conn_file, info = write_connection_file(self._sock_dir)
+        self._unlock_sock_dir(conn_file)
+        self._ctl.call("spawn", conn=conn_file, wipe=self._spawns > 0)
+        self._spawns += 1
+        try:
+            self._wait_for_sockets()
+            self._connect(info)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(conn_file)
+            self._lock_sock_dir()
+        status = self._status()
+        self._oom_base = self._oom_kills(status) if status else None
+        self._preload()
+
+    def _wait_for_sockets(self) -> None:
+        assert self._sock_dir is not None
+        deadline = time.monotonic() + self.config.startup_timeout
+        next_check = time.monotonic() + 0.1
+        while not all(os.path.exists(os.path.join(self._sock_dir, s)) for s in SOCKETS):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"kernel did not open its sockets within "
+                                   f"{self.config.startup_timeout}s")
+            if now >= next_check:
+                next_check = now + 0.25
+                if not self._process_alive():
+                    raise RuntimeError("the kernel process exited while starting")
+            time.sleep(0.002)
 
     def _connect(self, info: dict[str, Any]) -> None:
         kc = BlockingKernelClient()
@@ -180,13 +232,16 @@ class KernelExecutor:
                 if not self._process_alive():
                     raise RuntimeError("the kernel process exited while starting") from None
                 continue
-            try:  # iopub is a SUB socket: only once it delivers is it safe to run cells
-                self.kc.iopub_channel.get_msg(timeout=0.5)
+            # iopub is a SUB socket: only once it delivers is it safe to run cells. Its
+            # subscription lands a few ms after connecting; poll briefly and ping again rather
+            # than wait long for a status message that was published before it.
+            try:
+                self.kc.iopub_channel.get_msg(timeout=0.02)
             except queue.Empty:
                 continue
             with contextlib.suppress(queue.Empty):
                 while True:  # drop the remaining status messages of the pings
-                    self.kc.iopub_channel.get_msg(timeout=0.05)
+                    self.kc.iopub_channel.get_msg(timeout=0.01)
             return
         raise TimeoutError(f"kernel did not answer within {self.config.startup_timeout}s")
 
@@ -202,31 +257,52 @@ class KernelExecutor:
             self.kc.stop_channels()
             self.kc = None
 
-    def restart(self) -> None:
-        """Kill and relaunch the kernel: all state is lost, preload runs again."""
+    def _full_restart(self) -> None:
+        """Kill the whole sandbox and start a new one (the slow path, ~1 s)."""
         self._disconnect()
+        self._close_ctl()
         self._kill()
-        self._connect(self._launch())
-        self._preload()
+        self._start_sandbox()
+        self._fresh_kernel()
+
+    def _close_ctl(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+    def restart(self) -> None:
+        """A new kernel: all state is lost, preload runs again.
+
+        A fresh fork of the template (~0.1 s); the whole sandbox is restarted only if that
+        fails (the fork server was killed, the sandbox died).
+        """
+        self.reset()
 
     def reset(self) -> bool:
-        """Forget user state for the next trajectory.
-
-        Fast path (~ms): clear the namespace and the work dir, re-run the (cached) preload.
-        A kernel that is dead or does not answer the reset is restarted instead.
-        Returns True if it was restarted.
-        """
-        if self.kc is None:
+        """Forget everything for the next trajectory: a fresh kernel, empty work dir and /tmp,
+        no process, thread or file of the previous one. Returns True if the whole sandbox had
+        to be restarted (slow path) rather than a new kernel forked."""
+        if self._ctl is None:
             self.start()
             return False
-        clean = _RESET_CELL.replace("WORKDIR", repr(self.workdir))
-        if self.is_alive():
-            r = self._run(clean, timeout=5.0, may_restart=False)
-            if r.ok:
-                self._preload()
-                return False
-        self.restart()
-        return True
+        try:
+            self._fresh_kernel()
+            return False
+        except Exception:
+            self._full_restart()
+            return True
+
+    def _status(self) -> dict[str, Any] | None:
+        if self._ctl is None:
+            return None
+        try:
+            return self._ctl.call("status", timeout=10.0)
+        except (ControlLost, RuntimeError):
+            return None
+
+    def _process_alive(self) -> bool:
+        status = self._status()
+        return bool(status and status["alive"])
 
     def is_alive(self) -> bool:
         return self.kc is not None and self._process_alive()
@@ -234,6 +310,7 @@ class KernelExecutor:
     def close(self) -> None:
         """Stop the kernel and remove everything it used. Safe to call twice."""
         self._disconnect()
+        self._close_ctl()
         try:
             self._kill()
         finally:
@@ -248,13 +325,28 @@ class KernelExecutor:
 
     # -- running cells ---------------------------------------------------------------------
     def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
-        """Execute one cell; never raises for anything the cell does."""
-        self.start()
+        """Execute one cell; never raises for anything the cell does.
+
+        ``timeout`` (seconds) defaults to ``config.timeout``. If no kernel can be started the
+        result says so (``fault="start_failed"`` or ``"sandbox_unavailable"``) instead of raising.
+        """
+        try:
+            self.start()
+        except SandboxUnavailable as e:
+            return ExecutionResult(
+                error_name="SandboxUnavailable", error_value=str(e)[:2000],
+                fault="sandbox_unavailable",
+            )
+        except Exception as e:  # the machinery failed, not the cell
+            return ExecutionResult(
+                error_name="KernelStartFailed", error_value=str(e)[:2000], fault="start_failed"
+            )
         return self._run(code, self.timeout if timeout is None else timeout, may_restart=True)
 
     def _run(self, code: str, timeout: float, may_restart: bool) -> ExecutionResult:
         assert self.kc is not None
         t0 = time.monotonic()
+        oom_base = self._oom_base
         res = ExecutionResult(timeout_s=timeout)
         out, err = _Capped(self.config.max_output_chars), _Capped(self.config.max_output_chars)
         # stop_on_error=False: otherwise ipykernel aborts the next request that arrives soon after
@@ -270,8 +362,11 @@ class KernelExecutor:
             grace = time.monotonic() + self.config.interrupt_grace
             idle = self._collect(msg_id, res, out, err, deadline=grace)
         res.stdout, res.stderr = out.value(), err.value()
+        died, status = False, None
         if not idle:
             # Dead, or deaf to interrupts (e.g. SIGINT ignored, stuck in C): restart.
+            status = self._status()
+            died = not (status and status["alive"])
             if not res.timed_out:
                 res.error_name, res.error_value = "KernelDied", "the kernel process exited"
             if may_restart:
@@ -281,6 +376,17 @@ class KernelExecutor:
             self._drain_shell(msg_id)
         if res.timed_out and res.error_name == "KeyboardInterrupt":
             res.error_name = res.error_value = res.traceback = None  # the interrupt was ours
+        text_out = "".join([res.result or "", *res.display_text, res.stdout, res.stderr])
+        ooms = self._oom_kills(status) if status else None
+        res.fault = classify(
+            res,
+            died=died,
+            died_signal=status.get("signal") if status else None,
+            oom_killed=ooms is not None and oom_base is not None and ooms > oom_base,
+            truncated=out.dropped > 0 or err.dropped > 0 or _TRUNCATED in text_out,
+        )
+        if ooms is not None:
+            self._oom_base = ooms
         res.duration_s = time.monotonic() - t0
         return res
 

@@ -1,13 +1,16 @@
-"""The local backend: an ipykernel subprocess of this interpreter, sandboxed when possible.
+"""The local backend: a fork server and its kernels in bubblewrap, under cgroup limits.
 
 Isolation, from strongest to weakest layer:
-- bubblewrap (``sandbox="bwrap"``, the default when ``bwrap`` is installed): new user, pid, net,
-  ipc and uts namespaces, so no network at all; only the system dirs and this Python's prefix
-  are visible (read-only), plus a private /tmp, the work dir and the socket dir; runs as an
-  unprivileged uid and dies with its parent.
+- bubblewrap (``sandbox="bwrap"``, the default; ``auto`` refuses to run without it): new
+  user, pid, net, ipc and uts namespaces, so no network at all; only the system dirs and this
+  Python's prefix are visible (read-only), plus a sized private /tmp, a sized tmpfs work dir and
+  the socket dir; runs as an unprivileged uid and dies with its parent.
+- a cgroup per executor (when root; v1 or v2): memory and process caps for the whole tree --
+  fork server, kernel and everything they start. Without root there is none: the caps below
+  are per process only.
 - setrlimit (always, via ``prlimit``): address space, CPU seconds, file size, and processes
-  (the process cap only bites inside bwrap's user namespace).
-- a per-kernel temp work dir, and an environment scrubbed of secrets.
+  (the process cap only inside bwrap's user namespace).
+- an environment built from an allowlist, not the host's.
 """
 
 from __future__ import annotations
@@ -21,69 +24,140 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tirforge.executors.config import ExecutorConfig
-from tirforge.executors.kernel import KERNEL_ARGS, KernelExecutor, write_connection_file
+from tirforge.executors.kernel import KernelExecutor
+from tirforge.executors.result import SandboxUnavailable
 
-_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+#: Host variables a kernel may see (values copied when set); everything else is dropped, so no
+#: secret reaches model code whatever it is called. Source: the Docker backend's fixed env.
+ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
 # One BLAS / OpenMP thread per kernel: many kernels share few cores, and thread pools
 # reserve address space that RLIMIT_AS counts.
 _THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TMP_MB = 64  # size of the private /tmp (as the Docker backend's)
 # bwrap --die-with-parent ties the sandbox to the *thread* that forked it (PR_SET_PDEATHSIG):
 # a kernel started from a short-lived worker thread would be killed when that thread ends.
 # So every kernel is forked from this one thread, which lives as long as the process.
 _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="tirforge-kernel-spawn")
+NO_BWRAP_HELP = (
+    "the local sandbox needs bubblewrap, which is not usable here. Install it "
+    "(`apt-get install bubblewrap`, or `make setup` as root), or use the Docker backend "
+    "(--executor docker), or run model code unsandboxed on purpose with --sandbox none"
+)
+
+
+def allowed_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``ENV_ALLOWLIST`` part of ``env`` (default: os.environ)."""
+    env = os.environ if env is None else env
+    return {k: env[k] for k in ENV_ALLOWLIST if k in env}
 
 
 def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: os.environ) minus anything that looks like a secret."""
-    env = dict(os.environ if env is None else env)
-    return {k: v for k, v in env.items() if not any(m in k.upper() for m in _SECRET_MARKERS)}
+    """Kept for callers of the old name: the allowlisted environment."""
+    return allowed_env(env)
 
 
-def make_pids_cgroup(max_pids: int) -> str | None:
-    """A fresh cgroup capping the number of processes, or None where we may not make one.
+class KernelCgroup:
+    """One cgroup (v1: one per controller hierarchy; v2: one dir) capping memory and processes
+    of a whole sandbox. ``create`` returns None where we may not make one (not root, no
+    controllers): then only the per-process rlimits hold.
 
     Root ignores RLIMIT_NPROC (even mapped into a user namespace), so as root a fork bomb is
-    only stopped by the pids controller. Non-root users get RLIMIT_NPROC instead.
+    only stopped by the pids controller; and RLIMIT_AS is per process, so only the memory
+    controller caps a kernel that forks.
     """
-    if os.geteuid() != 0:
-        return None
-    name = f"tirforge-{uuid.uuid4().hex[:12]}"
-    v1 = "/sys/fs/cgroup/pids"
-    try:
-        if os.path.isdir(v1):
-            path = os.path.join(v1, name)
-        else:  # cgroup v2: the controller must be enabled for children of the root
-            with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
-                f.write("+pids")
-            path = os.path.join("/sys/fs/cgroup", name)
-        os.mkdir(path)
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(max_pids))
-        return path
-    except OSError:
-        return None
 
+    def __init__(self, dirs: dict[str, str]):
+        self.dirs = dirs  # controller -> cgroup dir ("memory", "pids"; v2: both the same dir)
 
-def kill_cgroup(path: str) -> None:
-    """SIGKILL every process in the cgroup (daemonised ones too), then remove it."""
-    for _ in range(50):
+    @classmethod
+    def create(cls, memory_mb: int, max_pids: int) -> KernelCgroup | None:
+        if os.geteuid() != 0:
+            return None
+        name = f"tirforge-{uuid.uuid4().hex[:12]}"
+        v2 = "/sys/fs/cgroup/cgroup.controllers"
+        dirs: dict[str, str] = {}
         try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids = [int(p) for p in f.read().split()]
+            if os.path.exists(v2):
+                with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+                    f.write("+pids +memory")
+                path = os.path.join("/sys/fs/cgroup", name)
+                os.mkdir(path)
+                dirs = {"memory": path, "pids": path}
+                _write(path, "memory.max", str(memory_mb * 2**20))
+                with contextlib.suppress(OSError):
+                    _write(path, "memory.swap.max", "0")
+                _write(path, "pids.max", str(max_pids))
+            else:
+                for ctrl in ("memory", "pids"):
+                    root = f"/sys/fs/cgroup/{ctrl}"
+                    if os.path.isdir(root):
+                        dirs[ctrl] = os.path.join(root, name)
+                        os.mkdir(dirs[ctrl])
+                if "memory" in dirs:
+                    _write(dirs["memory"], "memory.limit_in_bytes", str(memory_mb * 2**20))
+                    with contextlib.suppress(OSError):  # only with swap accounting
+                        _write(dirs["memory"], "memory.memsw.limit_in_bytes",
+                               str(memory_mb * 2**20))
+                if "pids" in dirs:
+                    _write(dirs["pids"], "pids.max", str(max_pids))
         except OSError:
-            return
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
+            cls(dirs).remove()
+            return None
+        return cls(dirs) if dirs else None
+
+    def join_prefix(self) -> list[str]:
+        """A command prefix that moves the process into the cgroup before exec."""
+        procs = " ".join(os.path.join(d, "cgroup.procs") for d in sorted(set(self.dirs.values())))
+        return ["sh", "-c", f'for f in {procs}; do echo $$ > $f || exit 1; done; exec "$@"', "sh"]
+
+    def oom_kills(self) -> int | None:
+        d = self.dirs.get("memory")
+        for name in ("memory.events", "memory.oom_control"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(d or "/nonexistent", name)) as f:
+                    for line in f:
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill":
+                            return int(value)
+        return None
+
+    def remove(self, reap: Callable[[], object] = lambda: None) -> None:
+        """SIGKILL every process in it (daemonised ones too), ``reap()`` our own child among
+        them (a zombie keeps the cgroup busy), then remove it."""
+        paths = sorted(set(self.dirs.values()))
+        for path in paths:
+            for _ in range(100):
+                try:
+                    with open(os.path.join(path, "cgroup.procs")) as f:
+                        pids = [int(p) for p in f.read().split()]
+                except OSError:
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.01)
+        reap()
+        for path in paths:
+            for _ in range(100):  # rmdir fails (EBUSY) until the last task has gone
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _write(path: str, name: str, value: str) -> None:
+    with open(os.path.join(path, name), "w") as f:
+        f.write(value)
 
 
 def bwrap_available() -> bool:
@@ -96,7 +170,13 @@ def bwrap_available() -> bool:
 
 
 class LocalKernelExecutor(KernelExecutor):
-    """Run cells in an ipykernel subprocess of ``sys.executable``."""
+    """Run cells in ipykernels forked from a template of ``sys.executable`` (see module doc).
+
+    ``cwd``: a host dir to run in (bound into the sandbox, kept at close); default a private
+    tmpfs work dir of ``max_file_mb``. ``env``: extra variables for the kernel, taken as given
+    (default: the allowlisted host environment). Raises RuntimeError when the sandbox asked for
+    (``bwrap``, or ``auto``) is not usable, saying how to get it.
+    """
 
     def __init__(
         self,
@@ -109,43 +189,42 @@ class LocalKernelExecutor(KernelExecutor):
         super().__init__(config, **overrides)
         self._own_cwd = cwd is None  # a temp dir we made is ours to delete
         self.workdir = cwd
-        # Model-written code must not see API keys; an explicit env is taken as given.
-        self.env = {**(scrubbed_env() if env is None else dict(env)), **_THREAD_ENV}
+        self.env = {**(allowed_env() if env is None else dict(env)), **_THREAD_ENV}
         mode = self.config.sandbox
-        if mode == "auto":
-            mode = "bwrap" if bwrap_available() else "none"
-        elif mode == "bwrap" and not bwrap_available():
-            raise RuntimeError(
-                "sandbox='bwrap' but bubblewrap is not usable here: install it "
-                "(apt-get install bubblewrap) or use sandbox='none'"
-            )
-        self.sandbox = mode
+        if mode in ("auto", "bwrap") and not bwrap_available():
+            # Fail closed: never run model code unsandboxed unless asked to by name.
+            raise SandboxUnavailable(f"sandbox={mode!r}: {NO_BWRAP_HELP}")
+        self.sandbox = "bwrap" if mode == "auto" else mode
         self.proc: subprocess.Popen | None = None
-        self._sock_dir: str | None = None
-        self._cgroup: str | None = None
+        self._cgroup: KernelCgroup | None = None
 
     @property
     def cwd(self) -> str | None:
         return self.workdir
 
     # -- KernelExecutor hooks ----------------------------------------------------------------
-    def _launch(self) -> dict[str, Any]:
+    def _launch(self) -> None:
         if self.workdir is None:
             self.workdir = tempfile.mkdtemp(prefix="tirforge-kernel-")
-        self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-")
-        conn_file, info = write_connection_file(self._sock_dir)
-        cmd = [*self._limits(), sys.executable, "-m", "ipykernel_launcher", "-f", conn_file]
-        cmd += KERNEL_ARGS
-        env = dict(self.env)
+        self._cgroup = KernelCgroup.create(self.config.memory_mb, self.config.max_processes)
+        # The socket dir is the one host dir a cell can write to (inside bwrap the sandbox uid
+        # maps to ours, so no chmod closes it). On /dev/shm its files are memory charged to
+        # the kernel's memory cgroup: bounded by memory_mb, never host disk.
+        shm = "/dev/shm" if self._cgroup and "memory" in self._cgroup.dirs else None
+        self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-", dir=shm)
+        os.chmod(self._sock_dir, 0o700)
+        env = {**self.env, "PYTHONDONTWRITEBYTECODE": "1"}
+        env.setdefault("PATH", os.defpath)
         if self.sandbox == "bwrap":
-            os.chmod(self._sock_dir, 0o700)
+            env.update(HOME=self.workdir, IPYTHONDIR="/tmp/.ipython", MPLCONFIGDIR="/tmp/.mpl")
+        else:  # no private /tmp: IPython's profile goes next to the sockets, out of the work dir
+            env.update(HOME=self.workdir, IPYTHONDIR=os.path.join(self._sock_dir, "ipython"))
+        cmd = [*self._limits(), *self.server_command(sys.executable)]
+        if self.sandbox == "bwrap":
             cmd = self._bwrap_prefix() + cmd
-            env["HOME"] = self.workdir
-        self._cgroup = make_pids_cgroup(self.config.max_processes)
         if self._cgroup is not None:
-            # Join the cgroup before exec, so nothing the kernel forks escapes the cap.
-            procs = os.path.join(self._cgroup, "cgroup.procs")
-            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
+            # Join the cgroup before exec, so nothing the kernel forks escapes the caps.
+            cmd = self._cgroup.join_prefix() + cmd
         self.proc = _SPAWNER.submit(
             subprocess.Popen,
             cmd,
@@ -156,7 +235,6 @@ class LocalKernelExecutor(KernelExecutor):
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # own process group: _kill takes its children too
         ).result()
-        return info
 
     def _limits(self) -> list[str]:
         c = self.config
@@ -171,12 +249,14 @@ class LocalKernelExecutor(KernelExecutor):
         return ["prlimit", *limits, "--"]
 
     def _bwrap_prefix(self) -> list[str]:
+        assert self.workdir is not None and self._sock_dir is not None
         ro = {"/usr", sys.base_prefix, sys.prefix}
         args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
         args += ["--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
         # The private /tmp first: binds below may live under /tmp (a venv in /tmp/ci/.venv) and
-        # must land on top of it, not be hidden by it.
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        # must land on top of it, not be hidden by it. Sized, so files cannot fill host memory.
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB * 2**20)]
+        args += ["--tmpfs", "/tmp"]
         for path in sorted(ro):
             args += ["--ro-bind", path, path]
         for link in ("bin", "lib", "lib64", "sbin"):
@@ -188,26 +268,41 @@ class LocalKernelExecutor(KernelExecutor):
         for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf"):
             if os.path.exists(f):
                 args += ["--ro-bind", f, f]
-        args += ["--bind", self.workdir, self.workdir, "--bind", self._sock_dir, self._sock_dir]
+        if self._own_cwd:  # our work dir: a sized tmpfs at its path, nothing reaches the host
+            args += ["--size", str(self.config.max_file_mb * 2**20), "--tmpfs", self.workdir]
+        else:  # the caller's dir: theirs to see
+            args += ["--bind", self.workdir, self.workdir]
+        args += ["--bind", self._sock_dir, self._sock_dir]
         args += ["--remount-ro", "/", "--chdir", self.workdir, "--"]
         return args
 
+    def _wipe_dirs(self) -> list[str]:
+        assert self.workdir is not None
+        return [self.workdir, "/tmp"] if self.sandbox == "bwrap" else [self.workdir]
+
+    def _private_pids(self) -> bool:
+        return self.sandbox == "bwrap"
+
+    def _oom_kills(self, status: dict[str, Any]) -> int | None:
+        return self._cgroup.oom_kills() if self._cgroup is not None else None
+
     def _kill(self) -> None:
         if self._cgroup is not None:
-            kill_cgroup(self._cgroup)
+            self._cgroup.remove(reap=self._reap)
             self._cgroup = None
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-            self.proc = None
+        self._reap()
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
 
-    def _process_alive(self) -> bool:
+    def _reap(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def _sandbox_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def _cleanup(self) -> None:

@@ -1,8 +1,11 @@
 """A bounded pool of warm kernels: lease one per trajectory, give it back, it is reset.
 
-Starting a kernel costs ~1 s (process start + preloaded imports); a lease from the pool costs
-microseconds. A returned kernel is reset in the background (namespace + work dir cleared, or
-restarted if unhealthy) before anyone else gets it, so trajectories never see each other.
+Starting a sandbox costs ~1 s (process start + preloaded imports); a lease from the pool costs
+microseconds. A returned kernel is reset in the background -- killed with everything it left,
+and a fresh kernel forked from the sandbox's warm template (~0.1 s; see ``kernel.py``) --
+before anyone else gets it, so trajectories never see each other. ``spare`` extra kernels
+cover those 0.1 s: a worker that returns a kernel and leases the next one at once gets a
+ready spare instead of waiting for the reset.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import queue
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,26 +50,39 @@ class KernelPool:
         config: ExecutorConfig | None = None,
         *,
         size: int | None = None,
+        spare: int | None = None,
         factory: Callable[[ExecutorConfig], Executor] = make_executor,
     ):
+        """``size``: kernels leased at once at most (default ``config.pool_size``); ``spare``:
+        extra warm kernels resetting while others are handed out. Leases stay instant while
+        ``spare >= size * reset time / time a trajectory holds its kernel``; the default
+        ``max(2, size // 8)`` covers trajectories of >= 1.6 s at a 0.2 s reset (measured in
+        docs/benchmarks.md); raise it for short trajectories."""
         self.config = config or ExecutorConfig()
         self.size = size if size is not None else self.config.pool_size
         if self.size < 1:
             raise ValueError("pool size must be at least 1")
+        self.spare = spare if spare is not None else max(2, self.size // 8)
+        if self.spare < 0:
+            raise ValueError("spare must be >= 0")
+        self._leases = threading.BoundedSemaphore(self.size)
         self.factory = factory
         self._idle: queue.Queue[Executor] = queue.Queue()
         self._all: list[Executor] = []
         self._lock = threading.Lock()
         self._closed = False
         # Resets run here, off the caller's path; one worker per kernel at most.
-        self._resetter = ThreadPoolExecutor(self.size, thread_name_prefix="kernel-reset")
+        self._resetter = ThreadPoolExecutor(
+            self.size + self.spare, thread_name_prefix="kernel-reset"
+        )
         atexit.register(self.close)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> KernelPool:
         """Start every kernel (in parallel) and wait until all are warm."""
-        with ThreadPoolExecutor(self.size) as ex:
-            kernels = list(ex.map(lambda _: self._new(), range(self.size)))
+        n = self.size + self.spare
+        with ThreadPoolExecutor(n) as ex:
+            kernels = list(ex.map(lambda _: self._new(), range(n)))
         for k in kernels:
             self._idle.put(k)
         return self
@@ -116,17 +133,31 @@ class KernelPool:
     # -- leasing ---------------------------------------------------------------------------
     @property
     def idle(self) -> int:
+        """Kernels ready to lease now (at most ``size + spare``)."""
         return self._idle.qsize()
 
+    @property
+    def capacity(self) -> int:
+        """Kernels the pool keeps: ``size + spare``."""
+        return self.size + self.spare
+
     def lease(self, timeout: float | None = None) -> Executor:
-        """Take a warm kernel; waits up to ``timeout`` seconds (None: forever) for one."""
+        """Take a warm kernel; waits up to ``timeout`` seconds (None: forever) while ``size``
+        are leased or none is ready. Raises TimeoutError, or PoolClosed."""
         if self._closed:
             raise PoolClosed("pool is closed")
-        try:
-            k = self._idle.get(timeout=timeout)
-        except queue.Empty:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._leases.acquire(timeout=timeout):  # None: wait as long as it takes
             raise TimeoutError(
                 f"no kernel free within {timeout}s (pool size {self.size}, all leased)"
+            )
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            k = self._idle.get(timeout=left)
+        except queue.Empty:
+            self._leases.release()
+            raise TimeoutError(
+                f"no kernel ready within {timeout}s (pool size {self.size}, resets pending)"
             ) from None
         if not k.is_alive():  # died while idle (e.g. OOM-killed): restart before handing out
             k.restart()
@@ -134,6 +165,7 @@ class KernelPool:
 
     def release(self, kernel: Executor) -> None:
         """Give a kernel back; it is reset in the background, then leased again."""
+        self._leases.release()
         if self._closed:
             with contextlib.suppress(Exception):
                 kernel.close()
@@ -163,9 +195,12 @@ class KernelPool:
 
     # -- asyncio ---------------------------------------------------------------------------
     async def alease(self, timeout: float | None = None) -> Executor:
+        if not self._leases.acquire(blocking=False):
+            return await asyncio.to_thread(self.lease, timeout)
         try:  # fast path without a thread hop
             k = self._idle.get_nowait()
         except queue.Empty:
+            self._leases.release()
             return await asyncio.to_thread(self.lease, timeout)
         if not k.is_alive():
             await asyncio.to_thread(k.restart)

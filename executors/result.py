@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +24,31 @@ def truncate(s: str, max_chars: int) -> str:
     keep = max(max_chars - len(f"\n...[truncated {len(s)} chars]...\n"), 0)
     head, tail = s[: keep - keep // 2], s[len(s) - keep // 2 :]
     return f"{head}\n...[truncated {len(s) - keep} chars]...\n{tail}"
+
+
+Fault = Literal[
+    "error",
+    "timeout",
+    "memory",
+    "processes",
+    "disk",
+    "output",
+    "cpu",
+    "kernel_died",
+    "start_failed",
+    "sandbox_unavailable",
+]
+"""Which kind of failure a cell met (see ``ExecutionResult.fault``)."""
+#: Faults where the cell hit a per-kernel limit.
+RESOURCE_FAULTS: frozenset[str] = frozenset({"memory", "processes", "disk", "output", "cpu"})
+#: Faults of the machinery, not of the model's code: a trajectory with one says nothing about
+#: the model (selection / RL should drop or retry it rather than learn from it).
+INFRA_FAULTS: frozenset[str] = frozenset({"kernel_died", "start_failed", "sandbox_unavailable"})
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here (no bubblewrap, no Docker daemon or image); the message
+    says how to get it. ``run`` reports it as ``fault="sandbox_unavailable"``."""
 
 
 class ExecutionResult(BaseModel):
@@ -55,6 +81,12 @@ class ExecutionResult(BaseModel):
     """The kernel was restarted while running this cell: every variable was lost."""
     duration_s: float = 0.0
     """Wall-clock seconds from sending the cell to having its outcome."""
+    fault: Fault | None = None
+    """What went wrong, by kind; None for a clean cell. ``error``: the code raised;
+    ``timeout``: it ran past ``timeout_s``; a limit (``memory``, ``processes``, ``disk``,
+    ``output`` -- the output was truncated, the cell may still be ``ok`` --, ``cpu``); or the
+    machinery (``kernel_died`` without hitting a limit, ``start_failed``,
+    ``sandbox_unavailable``). Old results (before this field) load as None."""
 
     @property
     def ok(self) -> bool:

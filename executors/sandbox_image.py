@@ -42,6 +42,8 @@ import docker
 import docker.errors
 from docker.utils import parse_repository_tag
 
+from tirforge.executors.result import SandboxUnavailable
+
 DEFAULT_IMAGE = "tirforge-sandbox:latest"
 #: Every image built here carries this label (``tirforge sandbox status`` shows it).
 LABEL = "tirforge.sandbox"
@@ -87,7 +89,7 @@ class SandboxBuildError(RuntimeError):
     """The image could not be built; the message says why and what to do."""
 
 
-class DockerUnavailable(RuntimeError):
+class DockerUnavailable(SandboxUnavailable):
     """The Docker daemon does not answer."""
 
 

@@ -140,7 +140,14 @@ def test_restart_after_the_kernel_exits(kernel, client):
     k = kernel()
     k.run("x = 1")
     old_id, old_sock = k.container.id, k._sock_dir
+    # The kernel dies: the container's fork server forks a fresh one.
     r = k.run("import os; os._exit(1)")
+    assert r.restarted and r.error_name == "KernelDied" and r.fault == "kernel_died"
+    assert k.container.id == old_id
+    assert k.run("'x' in dir(), int(np.int64(6) * 7)").result == "(False, 42)"
+    # The cell kills the fork server itself: the whole container is replaced.
+    k.run("x = 1")
+    r = k.run("import os, signal; os.kill(os.getppid(), signal.SIGKILL); os._exit(1)")
     assert r.restarted and r.error_name == "KernelDied"
     assert k.container.id != old_id
     assert not container_exists(client, old_id) and not os.path.exists(old_sock)
@@ -203,12 +210,15 @@ def test_missing_image_says_how_to_build_it(client):
     k = DockerKernelExecutor(image="tirforge-sandbox:does-not-exist")
     with pytest.raises(RuntimeError, match="tirforge sandbox build"):
         k.start()
+    r = k.run("1 + 1")  # run reports it, by kind, instead of raising
+    assert r.fault == "sandbox_unavailable" and "tirforge sandbox build" in r.error_value
 
 
 def test_unreachable_docker_says_so(monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with pytest.raises(DockerUnavailable, match="start dockerd or use --executor local"):
         DockerKernelExecutor().start()
+    assert DockerKernelExecutor().run("1").fault == "sandbox_unavailable"
 
 
 def test_build_is_idempotent(client):

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import pytest
@@ -219,11 +220,9 @@ def _spelled(tok, text):  # valid ids for text, one per character: not what enco
 
 
 def _faulted(result):
-    """``result`` marked as an infrastructure fault: the field the sandbox work adds, or (before
-    it lands) the same attribute set on the instance; the trainer reads it with getattr."""
-    if getattr(result, "fault", None) != "infra":
-        object.__setattr__(result, "fault", "infra")
-    return result
+    """``result`` marked as an infrastructure fault: the kernel died without hitting a limit."""
+    return dataclasses.replace(result, fault="kernel_died") if dataclasses.is_dataclass(
+        result) else result.model_copy(update={"fault": "kernel_died"})
 
 
 def test_faults_and_void_turns_get_no_reward_and_no_gradient(tmp_path):

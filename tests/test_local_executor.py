@@ -46,9 +46,9 @@ def test_run_autostarts_and_close_is_idempotent():
 
 
 @pytest.mark.parametrize("sandbox", ["none", "bwrap"])
-def test_secrets_are_scrubbed_and_cwd_is_private(monkeypatch, sandbox):
+def test_host_env_is_not_passed_and_cwd_is_private(monkeypatch, sandbox):
     monkeypatch.setenv("TIRFORGE_TEST_SECRET_TOKEN", "x")
-    monkeypatch.setenv("TIRFORGE_TEST_PLAIN", "visible")
+    monkeypatch.setenv("TIRFORGE_TEST_PLAIN", "not on the allowlist either")
     ex = LocalKernelExecutor(sandbox=sandbox)
     with ex:
         r = ex.run(
@@ -56,10 +56,11 @@ def test_secrets_are_scrubbed_and_cwd_is_private(monkeypatch, sandbox):
             "os.environ.get('TIRFORGE_TEST_PLAIN'), 'PATH' in os.environ, os.getcwd())"
         )
         secret, plain, has_path, cwd = eval(r.result)
-        assert secret is None and plain == "visible" and has_path
+        assert secret is None and plain is None and has_path
         assert Path(cwd).resolve() == Path(ex.cwd).resolve() and cwd != os.getcwd()
-        ex.run("open('scratch.txt', 'w').write('hi')")
-        assert (Path(cwd) / "scratch.txt").exists()
+        assert ex.run("open('scratch.txt', 'w').write('hi')").ok
+        # Unsandboxed the work dir is the host dir; in bwrap a sized tmpfs over it.
+        assert (Path(cwd) / "scratch.txt").exists() == (sandbox == "none")
     assert not Path(cwd).exists()
 
 
@@ -69,13 +70,15 @@ def test_given_cwd_is_kept(tmp_path):
     assert tmp_path.exists()
 
 
-def test_bwrap_is_used_by_default_and_required_when_asked(monkeypatch):
+def test_bwrap_is_used_by_default_and_missing_bwrap_fails_closed(monkeypatch):
     assert bwrap_available(), "bubblewrap must be installed (apt-get install bubblewrap)"
     assert LocalKernelExecutor().sandbox == "bwrap"
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert LocalKernelExecutor().sandbox == "none"
-    with pytest.raises(RuntimeError, match="apt-get install bubblewrap"):
-        LocalKernelExecutor(sandbox="bwrap")
+    for mode in ("auto", "bwrap"):  # never silently unsandboxed
+        with pytest.raises(RuntimeError, match="apt-get install bubblewrap") as e:
+            LocalKernelExecutor(sandbox=mode)
+        assert "--executor docker" in str(e.value) and "--sandbox none" in str(e.value)
+    assert LocalKernelExecutor(sandbox="none").sandbox == "none"  # only when asked by name
 
 
 def test_truncation_marker():
@@ -120,3 +123,18 @@ def test_private_tmp_does_not_hide_a_venv_under_tmp(tmp_path):
     tmpfs = args.index("/tmp", args.index("--tmpfs"))
     binds = [i for i, a in enumerate(args) if a in ("--ro-bind", "--bind")]
     assert binds and all(i > tmpfs for i in binds)
+
+
+def test_limits_are_per_kernel_cgroups_removed_at_close():
+    ex = LocalKernelExecutor(sandbox="bwrap", memory_mb=700)
+    ex.start()
+    cg = ex._cgroup
+    assert cg is not None or os.geteuid() != 0  # as root the whole tree is capped
+    dirs, sock = (list(cg.dirs.values()) if cg else []), ex._sock_dir
+    if cg is not None and "memory" in cg.dirs:
+        limit = next(f for f in ("memory.max", "memory.limit_in_bytes")
+                     if os.path.exists(os.path.join(cg.dirs["memory"], f)))
+        assert int(Path(cg.dirs["memory"], limit).read_text()) == 700 * 2**20
+    assert ex.run("1").ok
+    ex.close()
+    assert not any(os.path.exists(d) for d in dirs) and not os.path.exists(sock)

@@ -23,7 +23,8 @@ def pool(backend):
         yield p
 
 
-def wait_idle(pool, n, timeout=20):
+def wait_idle(pool, n=None, timeout=20):
+    n = pool.capacity if n is None else n
     deadline = time.monotonic() + timeout
     while pool.idle < n and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -31,15 +32,42 @@ def wait_idle(pool, n, timeout=20):
 
 
 def test_lease_reset_on_return(pool):
-    assert pool.idle == 2
+    assert pool.idle == pool.capacity == 4  # size 2 + two spares
     with pool.kernel() as k:
         k.run("leak = 'from trajectory 1'")
-    wait_idle(pool, 2)
+    wait_idle(pool)
     seen = []
     for _ in range(2):  # whichever kernel we get, it was reset
         k = pool.lease()
         seen.append(k.run("'leak' in dir()").result)
     assert seen == ["False", "False"]
+
+
+def test_lease_without_timeout_waits_for_a_return(pool):
+    import threading
+
+    a, b = pool.lease(), pool.lease()  # all leased
+    threading.Timer(0.3, pool.release, (a,)).start()
+    t0 = time.monotonic()
+    c = pool.lease()  # no timeout: blocks until the return, never raises
+    assert time.monotonic() - t0 >= 0.25
+    pool.release(c)
+    pool.release(b)
+
+
+def test_spare_covers_the_reset(pool):
+    # Return and lease at once, as a collection worker does: a ready spare, no reset wait.
+    wait_idle(pool)
+    waits = []
+    for _ in range(3):
+        k = pool.lease()
+        pool.release(k)
+        t0 = time.monotonic()
+        k = pool.lease()
+        waits.append(time.monotonic() - t0)
+        pool.release(k)
+        wait_idle(pool)
+    assert sorted(waits)[1] < 0.05, waits
 
 
 def test_bounded(pool):
@@ -49,8 +77,8 @@ def test_bounded(pool):
         pool.lease(timeout=0.3)
     assert time.monotonic() - t0 < 2
     pool.release(a)
-    assert pool.lease(timeout=20) is a
-    pool.release(a)
+    c = pool.lease(timeout=20)  # a is resetting: the spare (or a) comes back
+    pool.release(c)
     pool.release(b)
 
 
@@ -58,7 +86,7 @@ def test_dead_kernel_is_replaced(pool):
     k = pool.lease()
     k._kill()  # dies while leased
     pool.release(k)
-    wait_idle(pool, 2)
+    wait_idle(pool)
     for _ in range(2):
         assert pool.lease().run("1 + 1").result == "2"
 

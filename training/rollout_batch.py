@@ -19,24 +19,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from tirforge.executors.result import INFRA_FAULTS
 from tirforge.training.masking import IGNORE_INDEX, tokenize_trajectory
+from tirforge.trajectories.faults import has_infra_fault
 from tirforge.trajectories.grading import extract_boxed
 from tirforge.trajectories.schema import Step, Trajectory
 from tirforge.trajectories.tokens import token_stream
 
 INFRA = "infra"
-"""``ExecutionResult.fault`` / ``Step.fault`` value of a failure that is not the code's own."""
-
-
-def step_fault(step: Step) -> str | None:
-    """The fault kind of a step's cell (``Step.fault`` or ``ExecutionResult.fault``), or None.
-    Read with getattr: the fields are added by the sandbox work and may be absent."""
-    return getattr(step, "fault", None) or getattr(step.execution, "fault", None)
+"""Exclusion reason of a rollout whose cell failed for the machinery's sake: one of
+``executors.result.INFRA_FAULTS`` (kernel died, did not start, no sandbox), or the rollout
+itself raised."""
 
 
 def is_infra_fault(traj: Trajectory) -> bool:
     """True when a cell of ``traj`` failed for infrastructure reasons (not the code's)."""
-    return any(step_fault(s) == INFRA for s in traj.steps)
+    return has_infra_fault(traj)
 
 
 def is_void(step: Step) -> bool:
@@ -126,7 +124,8 @@ def batch_stats(trajs: list[Trajectory], rows: list[dict], excluded: list[str | 
     n_completion = sum(len(r["env_mask"]) for r in rows)
     n_masked = sum(len(r["env_mask"]) - sum(r["env_mask"]) for r in rows)
     errors = sum(1 for t in trajs for s in t.steps
-                 if s.execution is not None and not s.execution.ok and step_fault(s) != INFRA)
+                 if s.execution is not None and not s.execution.ok
+                 and s.fault not in INFRA_FAULTS)
     return {
         "tir/accuracy": sum(t.verdict == "correct" for t in trajs) / n,
         "tir/turns": sum(len(t.steps) for t in trajs) / n,

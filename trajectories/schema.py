@@ -53,6 +53,12 @@ class Step(BaseModel):
     """Log-probability of each of ``token_ids`` under the sampling distribution (same length),
     or None when the backend did not report them."""
 
+    @property
+    def fault(self) -> str | None:
+        """The kind of failure of this step's cell (``ExecutionResult.fault``; stored with the
+        execution, so old rows without it load as None)."""
+        return self.execution.fault if self.execution is not None else None
+
 
 class Trajectory(BaseModel):
     """A multi-turn tool-integrated solution attempt."""

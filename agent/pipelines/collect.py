@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tirforge.trajectories.datasets import FieldMap, Problem
+from tirforge.trajectories.faults import fault_counts
 from tirforge.trajectories.grading import answers_equal
 from tirforge.trajectories.schema import Trajectory
 from tirforge.trajectories.select import consensus
@@ -69,6 +70,8 @@ class CollectReport:
     error_rate: float = 0.0
     """(failed jobs + trajectories that stopped on an error) / attempts."""
     kernel_restarts: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    """Executed cells per fault kind (``ExecutionResult.fault``: error, timeout, memory, ...)."""
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
@@ -96,6 +99,7 @@ def summarize(trajs: Sequence[Trajectory], problems: Sequence[Problem]) -> Colle
         rep.pass_at_1, rep.pass_at_k, rep.maj_at_k = (
             x / len(labelled) for x in (p1, pk, mj)
         )
+    rep.faults = fault_counts(trajs)
     if trajs:
         rep.mean_turns = sum(len(t.steps) for t in trajs) / len(trajs)
         rep.kernel_restarts = sum(
