@@ -160,7 +160,7 @@ class TestEngine:
 
     def test_a_failed_call_leaves_the_engine_clean(self, engine):
         too_long = Request(messages=[{"role": "user", "content": "seven " * (MAX_LEN + 10)}])
-        with pytest.raises(ValueError):  # longer than max_model_len: rejected, clearly
+        with pytest.raises(ValueError, match="request 1.*maximum context length"):
             engine.generate([tir_requests()[0], too_long], SamplingParams(max_new_tokens=8))
 
         def boom(text: str) -> None:

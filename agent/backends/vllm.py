@@ -140,8 +140,11 @@ class VLLMBackend:
                     rid = f"tirforge-{next(self._ids)}"
                     sp = self._params(req, params, None if seed is None else seed + i)
                     # Token ids, not text: the chat template already holds the special tokens.
-                    # Raises ValueError for a prompt longer than the engine's max_model_len.
-                    self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+                    try:
+                        self.engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+                    except Exception as e:  # e.g. longer than max_model_len (VLLMValidationError)
+                        raise ValueError(f"vLLM rejected request {k} ({req.tag or 'untagged'}): "
+                                         f"{e}") from e
                     jobs[rid] = (k * params.n + i, req)
             self._run(jobs, done)
         finally:  # an error or interrupt must not leave requests generating in the engine
