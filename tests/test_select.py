@@ -1,5 +1,6 @@
 """RFT distinct-path selection, DPO pairs and consensus labels on crafted trajectories."""
 
+from tirforge.executors.result import ExecutionResult
 from tirforge.trajectories.schema import Step, Trajectory
 from tirforge.trajectories.select import (
     SelectConfig,
@@ -74,6 +75,21 @@ def test_dpo_pairs_are_unique_and_same_problem():
     assert all(c.verdict == "correct" and r.verdict != "correct" for c, r in pairs)
     assert all(c.problem_id == r.problem_id == "p/0" for c, r in pairs)
     assert len(dpo_pairs(trajs, max_pairs_per_problem=2)) == 2
+
+
+def test_infra_faulted_attempts_are_never_rejected_sides():
+    """A wrong answer after the kernel died (variables lost) or would not start is the
+    machinery's failure, not the model's: no pair uses it; a code error still does."""
+    def failed(fault):
+        t = traj("print(x)", verdict="incorrect", answer="1")
+        t.steps[0].execution = ExecutionResult(ok=False, error="boom", fault=fault)
+        return t
+
+    good = traj("print(6)")
+    for infra in ("kernel_died", "start_failed", "sandbox_unavailable"):
+        assert dpo_pairs([good, failed(infra)]) == []
+    pairs = dpo_pairs([good, failed("error"), failed("kernel_died")], max_pairs_per_problem=10)
+    assert [r.steps[0].execution.fault for _, r in pairs] == ["error"]
 
 
 def test_consensus_pools_equivalent_answers():

@@ -3,7 +3,9 @@
 - ``select_distinct``: rejection sampling with distinct reasoning paths (RFT, Yuan et al. 2023):
   keep correct trajectories and drop those whose normalised code / equation sequence repeats one
   already kept for the same problem.
-- ``dpo_pairs``: correct vs incorrect trajectories of the same problem.
+- ``dpo_pairs``: correct vs incorrect trajectories of the same problem; an attempt that failed
+  for the machinery's sake (a cell hit an infrastructure fault: the kernel died or did not
+  start) is never a rejected side, since it says nothing about the model.
 - ``consensus``: majority-vote label for a problem without a reference answer.
 """
 
@@ -16,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tirforge.trajectories.faults import has_infra_fault
 from tirforge.trajectories.grading import answers_equal, normalize
 from tirforge.trajectories.schema import Trajectory
 
@@ -176,7 +179,8 @@ def dpo_pairs(
     pairs = []
     for group in _group(trajs).values():
         good, _ = select_distinct(group, SelectConfig(max_per_problem=None))
-        bad = [t for t in group if t.verdict in ("incorrect", "no_answer", "unparseable")]
+        bad = [t for t in group if t.verdict in ("incorrect", "no_answer", "unparseable")
+               and not has_infra_fault(t)]
         # Walk the diagonals of good x bad: pairs are unique and spread over both sides.
         combos = [
             (good[i], bad[(i + d) % len(bad)]) for d in range(len(bad)) for i in range(len(good))
