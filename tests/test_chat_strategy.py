@@ -103,9 +103,10 @@ def test_follow_ups_see_the_chosen_samples_variables(server, strategy, kept):
 def pools_whole(server: ChatServer, timeout: float = 20) -> None:
     pools = [server._pool, server._sample_pool]
     deadline = time.monotonic() + timeout
-    while any(p.idle < p.size for p in pools) and time.monotonic() < deadline:
+    # Whole: every kernel the pool keeps (its leases and its spares) is back and reset.
+    while any(p.idle < p.capacity for p in pools) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [p.idle for p in pools] == [p.size for p in pools]
+    assert [p.idle for p in pools] == [p.capacity for p in pools]
 
 
 def test_samples_of_a_follow_up_start_from_the_conversations_variables(server):

@@ -204,7 +204,7 @@ def run_search(bench: str, problems: list, cfg: EvalConfig, backend: Any, pool: 
             with lock:
                 return scorer.score(trajs)
 
-    with store:
+    with store.acquire():  # read what is done only as the one writer
         done = {t.problem_id for t in store if t.config_hash == cfg_hash}
 
         def one(p) -> None:

@@ -93,33 +93,34 @@ def stage_responses(paths: Paths, backend: Any, pool: Any, cfg: AutoIFConfig,
     functions = {r["id"]: r["functions"] for r in jsonl.read(paths.crossval) if r["kept"]}
     pairs = {p["id"]: p for p in jsonl.read(paths.pairs)}
     h = responses_hash(cfg, model)
-    store = Store(paths.responses)
-    done = store.done_keys()
-    reqs = [user_request(p["prompt"], f"respond:{pid}#{k}", zlib.crc32(f"{pid}#{k}".encode())
-                         + cfg.seed)
-            for pid, p in pairs.items() for k in range(cfg.responses_per_query)
-            if (pid, k, h) not in done]
-    sampling = params(cfg)
-    for batch, comps in generate_batches(backend, reqs, sampling, cfg.max_batch):
-        by_pair: dict[str, list[tuple[int, str]]] = {}
-        for req, c in zip(batch, comps, strict=True):
-            pid, k = req.tag.split(":", 1)[1].rsplit("#", 1)
-            by_pair.setdefault(pid, []).append((int(k), c.text))
-        for pid, samples in by_pair.items():
-            p = pairs[pid]
-            runs = run_functions(pool, functions[p["instruction_id"]], [t for _, t in samples],
-                                 timeout=cfg.cell_timeout, max_output_chars=cfg.max_output_chars)
-            for j, (k, text) in enumerate(samples):
-                score = sum(r.results[j] is True for r in runs) / len(runs) if runs else 0.0
-                store.add(Trajectory(
-                    problem=p["prompt"], problem_id=pid, sample=k, config_hash=h,
-                    messages=[{"role": "user", "content": p["prompt"]}],
-                    steps=[Step(text=text)], final_answer=None, score=score,
-                    verdict=verdict_of(score, cfg), stop_reason="answer", model=model,
-                    format="plain", sampling={**sampling.as_dict(), "seed": zlib.crc32(
-                        f"{pid}#{k}".encode()) + cfg.seed},
-                ))
-    store.close()
+    # The writer lock first, then what is done; `with` gives it back when a batch raises.
+    with Store(paths.responses).acquire() as store:
+        done = store.done_keys()
+        reqs = [user_request(p["prompt"], f"respond:{pid}#{k}", zlib.crc32(f"{pid}#{k}".encode())
+                             + cfg.seed)
+                for pid, p in pairs.items() for k in range(cfg.responses_per_query)
+                if (pid, k, h) not in done]
+        sampling = params(cfg)
+        for batch, comps in generate_batches(backend, reqs, sampling, cfg.max_batch):
+            by_pair: dict[str, list[tuple[int, str]]] = {}
+            for req, c in zip(batch, comps, strict=True):
+                pid, k = req.tag.split(":", 1)[1].rsplit("#", 1)
+                by_pair.setdefault(pid, []).append((int(k), c.text))
+            for pid, samples in by_pair.items():
+                p = pairs[pid]
+                runs = run_functions(pool, functions[p["instruction_id"]],
+                                     [t for _, t in samples], timeout=cfg.cell_timeout,
+                                     max_output_chars=cfg.max_output_chars)
+                for j, (k, text) in enumerate(samples):
+                    score = sum(r.results[j] is True for r in runs) / len(runs) if runs else 0.0
+                    store.add(Trajectory(
+                        problem=p["prompt"], problem_id=pid, sample=k, config_hash=h,
+                        messages=[{"role": "user", "content": p["prompt"]}],
+                        steps=[Step(text=text)], final_answer=None, score=score,
+                        verdict=verdict_of(score, cfg), stop_reason="answer", model=model,
+                        format="plain", sampling={**sampling.as_dict(), "seed": zlib.crc32(
+                            f"{pid}#{k}".encode()) + cfg.seed},
+                    ))
     trajs = [t for t in Store(paths.responses) if t.config_hash == h and t.problem_id in pairs]
     return {"responses": len(trajs), "new": len(reqs),
             "mean_pass_rate": round(sum(t.score or 0 for t in trajs) / len(trajs), 4)
