@@ -35,6 +35,17 @@ SCORED_STRATEGIES: tuple[str, ...] = ("best-of-n", "weighted-majority", "step-se
 """Strategies that need a scorer."""
 
 
+class ScorerRequired(ValueError):
+    """A strategy that rates trajectories (``SCORED_STRATEGIES``) was called without a scorer.
+    ``strategy`` names it; a face maps it to its own spelling (``tirforge solve``: ``--rm``)."""
+
+    def __init__(self, strategy: str) -> None:
+        self.strategy = strategy
+        super().__init__(f"strategy {strategy!r} needs a scorer: pass scorer=, an object with "
+                         "score(trajectories) -> list[float] (ExecutionScorer(), a RewardScorer "
+                         "or a ValueScorer)")
+
+
 class Scorer(Protocol):
     """Rates whole (or partial) trajectories: higher means more likely correct."""
 
@@ -58,7 +69,9 @@ class ExecutionScorer:
 def choose(
     trajectories: Sequence[Trajectory], strategy: str = "greedy", scorer: Scorer | None = None
 ) -> Trajectory:
-    """The trajectory whose answer ``strategy`` picks; ties go to the earliest sample."""
+    """The trajectory whose answer ``strategy`` picks; ties go to the earliest sample. Raises
+    ValueError for no trajectories or an unknown strategy, ``ScorerRequired`` for
+    ``best-of-n`` / ``weighted-majority`` without ``scorer``."""
     if not trajectories:
         raise ValueError("no trajectories to choose from")
     if strategy not in STRATEGIES:
@@ -69,7 +82,7 @@ def choose(
     scores: list[float] | None = None
     if strategy in ("best-of-n", "weighted-majority"):
         if scorer is None:
-            raise ValueError(f"strategy {strategy!r} needs a scorer (e.g. --rm PATH)")
+            raise ScorerRequired(strategy)
         scores = scorer.score(trajs)
         for t, s in zip(trajs, scores, strict=True):
             t.score = s
@@ -154,7 +167,8 @@ def solve_with(
     ``beam`` x ``n`` continuations per step on one kernel (``agent.search.step_search``). Non-
     greedy strategies sample at ``SAMPLING_TEMPERATURE`` when the agent's temperature is 0.
     ``on_status`` gets a short line as the phase changes. Raises ValueError for an unknown
-    strategy, n or beam < 1, a missing scorer or a session with a non-greedy strategy;
+    strategy, n or beam < 1 or a session with a non-greedy strategy;
+    ``ScorerRequired`` (a ValueError) for a scored strategy without ``scorer``;
     ``ExecutorUnavailable`` when kernels cannot start.
     """
     if strategy not in SOLVE_STRATEGIES:
@@ -165,7 +179,7 @@ def solve_with(
     if strategy != "greedy" and session_db is not None:
         raise ValueError("a session (session_db) resumes a single run: use the greedy strategy")
     if strategy in SCORED_STRATEGIES and scorer is None:
-        raise ValueError(f"strategy {strategy!r} needs a scorer")
+        raise ScorerRequired(strategy)
     status = on_status or (lambda _: None)
     if strategy != "greedy" and agent_cfg.sampling.temperature == 0:
         agent_cfg = replace(agent_cfg, sampling=replace(

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tirforge.apps.choices import BackendName, ExecutorOpt, SandboxOpt, warn_unsandboxed
+
 console = Console()
 
 
@@ -27,7 +29,7 @@ def autoif(
              "shipped sample.")] = None,
     query_field: Annotated[str, typer.Option(help="Column holding the query.")] = "query",
     model: Annotated[str, typer.Option(help="Model alias, local folder or hub id.")] = "smollm2",
-    backend: Annotated[str, typer.Option(help="transformers, openai or vllm.")] = "transformers",
+    backend: Annotated[BackendName, typer.Option(help="Model backend.")] = "transformers",
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
     augment_rounds: Annotated[int, typer.Option(help="Self-instruct generations.")] = 4,
     max_instructions: Annotated[int, typer.Option(help="Seeds + new instructions at most.")
@@ -51,12 +53,13 @@ def autoif(
     cell_timeout: Annotated[float, typer.Option(help="Seconds one verifier call may run.")
                             ] = 2.0,
     kernels: Annotated[int, typer.Option(help="Sandbox kernels.")] = 1,
-    executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
-    sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap, none.")] = "auto",
+    executor: ExecutorOpt = "local",
+    sandbox: SandboxOpt = "auto",
     seed: Annotated[int, typer.Option(help="Sampling / drawing seed.")] = 0,
     replay: Annotated[Path | None, typer.Option(
-        help="Testing: scripted model outputs, a JSON list or an object {request tag: [turns]}."
-    )] = None,
+        help="Testing: scripted model outputs, a JSON list (served in order) or an object "
+             "{request tag: \\[turns]}; tags: augment:round-N, verify:ID#K, backtr:ID, "
+             "judge:ID, respond:ID#K (README, AutoIF).")] = None,
     allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
 ) -> None:
     """Make instruction-following SFT/DPO data verified by code run in the sandbox (AutoIF)."""
@@ -97,6 +100,8 @@ def autoif(
     except (ValueError, ImportError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    if pool is not None:
+        warn_unsandboxed(sandbox, executor)
     try:
         stats = run_autoif(workdir, cfg=cfg, backend=model_backend, pool=pool, stages=names,
                            seeds=seeds, seed_limit=seed_limit, queries=queries,

@@ -14,27 +14,27 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.text import Text
 
+from tirforge.apps.autoif import register as register_autoif_command
+from tirforge.apps.choices import (
+    BackendName,
+    ExecutorOpt,
+    FormatOpt,
+    SandboxOpt,
+    StrategyName,
+    warn_unsandboxed,
+)
 from tirforge.apps.data import register as register_data_commands
 from tirforge.apps.eval import eval_command
+from tirforge.apps.loop import register as register_loop_command
+from tirforge.apps.outputs import jsonl_out
 from tirforge.apps.sandbox import sandbox_app
+from tirforge.apps.train import register as register_train_commands
 
 app = typer.Typer(
     help="tirforge: tool-integrated mathematical reasoning (models that write and run Python).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(sandbox_app, name="sandbox")
-app.command("eval")(eval_command)
-register_data_commands(app)  # collect, evolve, select, export
-from tirforge.apps.train import register as register_train_commands  # noqa: E402
-
-register_train_commands(app)  # train sft|rm|dpo|grpo, score
-from tirforge.apps.loop import register as register_loop_command  # noqa: E402
-
-register_loop_command(app)  # loop
-from tirforge.apps.autoif import register as register_autoif_command  # noqa: E402
-
-register_autoif_command(app)  # autoif
 console = Console()
 
 
@@ -71,12 +71,10 @@ def solve(
         typer.Option(help="Alias (smollm2), local model folder or hub id; with --backend openai "
                      "the served model name (\"\": the server's first)."),
     ] = "smollm2",
-    format: Annotated[
-        str, typer.Option("--format", help="Prompt format: qwen-tir, qwen-cot or dotamath.")
-    ] = "qwen-tir",
+    format: FormatOpt = "qwen-tir",
     backend: Annotated[
-        str, typer.Option(help="Model backend: transformers, openai (any OpenAI-compatible "
-                          "server) or vllm (in-process engine, GPU).")
+        BackendName, typer.Option(help="Model backend: transformers, openai (any "
+                                  "OpenAI-compatible server) or vllm (in-process engine, GPU).")
     ] = "transformers",
     base_url: Annotated[
         str | None, typer.Option(help="Server URL for --backend openai, e.g. "
@@ -105,15 +103,11 @@ def solve(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
-    executor: Annotated[
-        str, typer.Option(help="Where code runs: local (bubblewrap sandbox) or docker.")
-    ] = "local",
-    sandbox: Annotated[
-        str, typer.Option(help="Local isolation: auto, bwrap or none.")
-    ] = "auto",
+    executor: ExecutorOpt = "local",
+    sandbox: SandboxOpt = "auto",
     memory_mb: Annotated[int, typer.Option(help="Memory cap of the kernel (MiB).")] = 2048,
     out: Annotated[
-        Path | None, typer.Option(help="Append the trajectory to this JSONL file.")
+        Path | None, typer.Option(help="Append the trajectory to this JSONL file (*.jsonl).")
     ] = None,
     session_db: Annotated[
         Path | None, typer.Option(help="SQLite file that checkpoints every step (with "
@@ -126,7 +120,7 @@ def solve(
         bool, typer.Option(help="Allow downloading --model from the Hugging Face hub.")
     ] = False,
     strategy: Annotated[
-        str, typer.Option(help="greedy (one run, streamed); majority, best-of-n or "
+        StrategyName, typer.Option(help="greedy (one run, streamed); majority, best-of-n or "
                           "weighted-majority (choose one of --n samples); step-search "
                           "(beam search over turns, partial solutions rated by the scorer).")
     ] = "greedy",
@@ -155,8 +149,8 @@ def solve(
     from tirforge.agent.graph import AgentConfig
     from tirforge.agent.models import ModelNotFoundError
     from tirforge.agent.strategies import (
-        SOLVE_STRATEGIES,
         ExecutorUnavailable,
+        ScorerRequired,
         solve_with,
         summarize_answers,
     )
@@ -165,9 +159,7 @@ def solve(
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if strategy not in SOLVE_STRATEGIES:
-        raise typer.BadParameter(f"unknown strategy {strategy!r}; choose one of "
-                                 f"{', '.join(SOLVE_STRATEGIES)}", param_hint="--strategy")
+    jsonl_out(out)
     if n < 1 or beam < 1:
         raise typer.BadParameter("--n and --beam must be at least 1")
     if strategy != "greedy" and session_db is not None:
@@ -190,6 +182,7 @@ def solve(
     except (ModelNotFoundError, ValueError, ImportError, ServerUnavailable) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    warn_unsandboxed(sandbox, executor)
     console.log(f"{backend} backend ready in {time.perf_counter() - t_load:.1f}s")
     console.print(Panel(Text(problem), title="problem", border_style="cyan"))
     t0 = time.perf_counter()
@@ -225,6 +218,10 @@ def solve(
         )
     except (ServerUnavailable, ExecutorUnavailable) as e:
         console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    except ScorerRequired as e:  # the library's wording names scorer=; say it as options
+        console.print(f"[red]error:[/red] --strategy {e.strategy} needs a scorer: pass --rm "
+                      "PATH (a reward model) or --value PATH (a value model)")
         raise typer.Exit(2) from None
     finally:
         status.stop()
@@ -290,19 +287,17 @@ def _solve_scorer(strategy: str, rm: str | None, value: str | None = None):
 def chat(
     model: Annotated[str, typer.Option(help="Alias (smollm2), local folder, hub id, or the "
                                        "served model name with --backend openai.")] = "smollm2",
-    backend: Annotated[str, typer.Option(help="transformers, openai or vllm.")] = "transformers",
+    backend: Annotated[BackendName, typer.Option(help="Model backend.")] = "transformers",
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
         "OPENAI_API_KEY"
     ),
-    executor: Annotated[str, typer.Option(help="Where code runs: local or docker.")] = "local",
-    sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap or none.")] = "auto",
+    executor: ExecutorOpt = "local",
+    sandbox: SandboxOpt = "auto",
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
     max_sessions: Annotated[int, typer.Option(help="Browser sessions (kernels) at once.")] = 4,
-    format: Annotated[str, typer.Option("--format", help="qwen-tir, qwen-cot or dotamath.")] = (
-        "qwen-tir"
-    ),
+    format: FormatOpt = "qwen-tir",
     max_turns: Annotated[int, typer.Option(help="Model turns per question at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per model turn at most.")] = 512,
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 30.0,
@@ -326,6 +321,7 @@ def chat(
 
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warn_unsandboxed(sandbox, executor)
 
     def load() -> Backend:
         return make_backend(backend, model, base_url=base_url, api_key_env=api_key_env,
@@ -350,8 +346,17 @@ def chat(
         server.close()
 
 
+# Registered after solve and chat, so `tirforge --help` lists them in the order of use.
+app.command("eval")(eval_command)
+register_data_commands(app)  # collect, evolve, select, export
+register_train_commands(app)  # train sft|rm|dpo|grpo|value, score
+register_loop_command(app)  # loop
+register_autoif_command(app)  # autoif
+app.add_typer(sandbox_app, name="sandbox")
+
+
 def main() -> None:  # pragma: no cover - `python -m tirforge.apps.cli`
-    app(sys.argv[1:])
+    app(sys.argv[1:], prog_name="tirforge")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,8 @@ from tirforge.agent.pipelines.collect import (
     make_run_backend,
     run_collect,
 )
+from tirforge.apps.choices import BackendName, ExecutorOpt, FormatOpt, SandboxOpt, warn_unsandboxed
+from tirforge.apps.outputs import dataset_out, folder_out, jsonl_out
 from tirforge.trajectories.datasets import FieldMap, Problem, load_dataset
 from tirforge.trajectories.schema import Trajectory
 from tirforge.trajectories.store import Store, StoreConfig, StoreLocked, config_hash
@@ -156,26 +158,27 @@ RayGpus = Annotated[float, typer.Option(help="GPUs per Ray actor (its own vLLM e
 def collect(
     dataset: Annotated[str, typer.Argument(help="Registered dataset name (gsm8k, math500, ...) "
                                            "or a JSONL / JSON / Parquet file or HF folder.")],
-    out: Annotated[Path, typer.Option(help="Store folder (resumable).")] = Path("runs/collect"),
+    out: Annotated[Path, typer.Option(help="Store folder (resumable; not a file).")] = Path(
+        "runs/collect"),
     samples: Annotated[int, typer.Option(help="Samples per problem (k).")] = 4,
     model: Annotated[str, typer.Option(help="Model alias, local folder or hub id.")] = "smollm2",
-    backend: Annotated[str, typer.Option(help="transformers, openai (any OpenAI-compatible "
-                                         "server) or vllm.")] = "transformers",
+    backend: Annotated[BackendName, typer.Option(help="Model backend: transformers, openai "
+                                                 "(any OpenAI-compatible server) or vllm.")
+                       ] = "transformers",
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
         "OPENAI_API_KEY"
     ),
-    format: Annotated[str, typer.Option(help="Prompt format: qwen-tir, qwen-cot, dotamath.")
-                      ] = "qwen-tir",
+    format: FormatOpt = "qwen-tir",
     limit: Annotated[int | None, typer.Option(help="First N problems only.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     max_turns: Annotated[int, typer.Option(help="Model turns at most.")] = 6,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 512,
     concurrency: Annotated[int | None, typer.Option(
         help="Trajectories in flight (kernels); with --ray per actor, default: its node's "
-             "CPUs. [default: 4]")] = None,
-    executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
-    sandbox: Annotated[str, typer.Option(help="Local isolation: auto, bwrap, none.")] = "auto",
+             "CPUs. \\[default: 4]")] = None,
+    executor: ExecutorOpt = "local",
+    sandbox: SandboxOpt = "auto",
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
     fsync: Annotated[bool, typer.Option(help="fsync every record (power-loss safe).")] = True,
     problem_field: ProblemField = None,
@@ -192,13 +195,10 @@ def collect(
 ) -> None:
     """Run the agent K times on every problem of DATASET into a resumable store."""
     from tirforge.agent.backends.base import SamplingParams
-    from tirforge.agent.formats import FORMATS
     from tirforge.agent.graph import AgentConfig
     from tirforge.executors import ExecutorConfig
 
-    if format not in FORMATS:
-        raise typer.BadParameter(f"unknown format; one of {', '.join(FORMATS)}",
-                                 param_hint="--format")
+    folder_out(out)
     problems = _load(dataset, field_map(problem_field, answer_field, answer_format), limit,
                      allow_network)
     agent_cfg = AgentConfig(
@@ -217,6 +217,7 @@ def collect(
     width = 4 if concurrency is None else max(1, concurrency)
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
                               pool_size=max(1, width))
+    warn_unsandboxed(sandbox, executor)
     with store:
         if ray:
             spec = backend_spec(model, backend, replay, base_url, api_key_env, allow_network)
@@ -313,17 +314,21 @@ def _read_stores(stores: Sequence[Path]) -> list[Trajectory]:
 
 def select(
     stores: Annotated[list[Path], typer.Argument(help="Store folders (runs/models to merge).")],
-    out: Annotated[Path, typer.Option(help="SFT output: *.parquet or a dataset folder.")],
+    out: Annotated[Path, typer.Option(help="SFT output: *.jsonl, *.parquet or a dataset "
+                                      "folder (a path with no suffix).")],
     max_per_problem: Annotated[int, typer.Option(help="Distinct paths kept per problem.")] = 4,
     min_score: Annotated[float | None, typer.Option(help="Reward-model score floor.")] = None,
     dedup: Annotated[bool, typer.Option(help="RFT distinct-path dedup.")] = True,
-    dpo_out: Annotated[Path | None, typer.Option(help="Also write DPO pairs here.")] = None,
+    dpo_out: Annotated[Path | None, typer.Option(
+        help="Also write DPO pairs here (*.jsonl, *.parquet or a folder).")] = None,
     max_pairs: Annotated[int, typer.Option(help="DPO pairs per problem at most.")] = 4,
 ) -> None:
     """Keep correct, distinct trajectories (RFT) as an SFT dataset; optionally DPO pairs."""
     from tirforge.trajectories.export import save, to_dpo_dataset, to_sft_dataset
     from tirforge.trajectories.select import SelectConfig, dpo_pairs, select_distinct
 
+    dataset_out(out)
+    dataset_out(dpo_out, "--dpo-out")
     trajs = _read_stores(stores)
     kept, rep = select_distinct(trajs, SelectConfig(max_per_problem, min_score, dedup))
     table = Table(title="selection")
@@ -345,14 +350,20 @@ def select(
 
 def export(
     stores: Annotated[list[Path], typer.Argument(help="Store folders.")],
-    out: Annotated[Path, typer.Option(help="*.parquet or a dataset folder.")],
+    out: Annotated[Path, typer.Option(help="*.jsonl, *.parquet or a dataset folder (a path "
+                                      "with no suffix).")],
     verdict: Annotated[str | None, typer.Option(help="Only this verdict (e.g. correct).")] = None,
 ) -> None:
     """Every stored trajectory (once) as a dataset with `messages` and `messages_fenced`."""
     from tirforge.trajectories.export import save, to_sft_dataset
 
+    dataset_out(out)
     trajs = [t for t in _read_stores(stores) if verdict is None or t.verdict == verdict]
-    save(to_sft_dataset(trajs), out)
+    try:
+        save(to_sft_dataset(trajs), out)
+    except ValueError as e:  # nothing matched: say so, no traceback
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from None
     console.print(f"{len(trajs)} trajectories written to {out}")
 
 
@@ -361,7 +372,8 @@ def export(
 
 def evolve(
     dataset: Annotated[str, typer.Argument(help="Seed dataset (name or file).")],
-    out: Annotated[Path, typer.Option(help="JSONL of new problems (+ provenance, consensus).")],
+    out: Annotated[Path, typer.Option(help="JSONL of new problems (+ provenance, consensus); "
+                                      "labelling trajectories go to OUT.store.")],
     limit: Annotated[int | None, typer.Option(help="First N seeds only.")] = 10,
     types: Annotated[str | None, typer.Option(help="Comma-separated evolution types.")] = None,
     per_type: Annotated[int, typer.Option(help="New problems per seed and type.")] = 1,
@@ -379,6 +391,7 @@ def evolve(
     from tirforge.agent.pipelines.evolve import run_evolve, sampled_generate, store_collector
     from tirforge.executors import ExecutorConfig, KernelPool
 
+    jsonl_out(out)
     seeds = _load(dataset, None, limit, allow_network)
     with console.status(f"Loading {model} ..."):
         backend = make_run_backend(model, allow_network=allow_network, log=console.log)

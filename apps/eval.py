@@ -16,6 +16,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from tirforge.agent.pipelines.evaluate import EvalConfig, run_benchmark
+from tirforge.apps.choices import (
+    BackendName,
+    ExecutorOpt,
+    FormatOpt,
+    SandboxOpt,
+    warn_unsandboxed,
+)
 from tirforge.apps.data import (
     RayActors,
     RayAddress,
@@ -24,6 +31,7 @@ from tirforge.apps.data import (
     backend_spec,
     ray_collector,
 )
+from tirforge.apps.outputs import folder_out
 from tirforge.trajectories.store import StoreLocked
 
 console = Console()
@@ -60,11 +68,10 @@ def eval_command(
     model: Annotated[str, typer.Option(help="Alias (smollm2), local folder or hub id.")] = (
         "smollm2"
     ),
-    format: Annotated[str, typer.Option("--format", help="qwen-tir, qwen-cot or dotamath.")] = (
-        "qwen-tir"
-    ),
-    backend: Annotated[str, typer.Option(help="transformers, openai (any OpenAI-compatible "
-                                         "server, e.g. vllm serve) or vllm.")] = "transformers",
+    format: FormatOpt = "qwen-tir",
+    backend: Annotated[BackendName, typer.Option(
+        help="Model backend: transformers, openai (any OpenAI-compatible server, e.g. vllm "
+             "serve) or vllm.")] = "transformers",
     base_url: Annotated[str | None, typer.Option(help="Server URL for --backend openai.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Variable holding the server's key.")] = (
         "OPENAI_API_KEY"
@@ -84,10 +91,11 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per turn at most.")] = 1024,
     concurrency: Annotated[int | None, typer.Option(
         help="Trajectories in flight; with --ray per actor, default: its node's CPUs. "
-             "[default: 4]")] = None,
-    out: Annotated[Path, typer.Option(help="Stores and result files.")] = Path("runs/eval"),
-    executor: Annotated[str, typer.Option(help="local or docker.")] = "local",
-    sandbox: Annotated[str, typer.Option(help="auto, bwrap or none.")] = "auto",
+             "\\[default: 4]")] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the stores and result files.")] = Path(
+        "runs/eval"),
+    executor: ExecutorOpt = "local",
+    sandbox: SandboxOpt = "auto",
     timeout: Annotated[float, typer.Option(help="Seconds a code cell may run.")] = 10.0,
     replay: Annotated[Path | None, typer.Option(
         help="Testing: replay these assistant turns (JSON list) instead of a model.")] = None,
@@ -103,6 +111,7 @@ def eval_command(
     from tirforge.executors import KernelPool
     from tirforge.trajectories.datasets import DATASETS, DatasetNotFoundError, resolve
 
+    folder_out(out, what="results folder")
     if value is not None and search_beam < 1:
         raise typer.BadParameter("--value scores step search: give --search-beam B too",
                                  param_hint="--value")
@@ -124,6 +133,7 @@ def eval_command(
         concurrency=4 if concurrency is None else max(1, concurrency),
         search_beam=search_beam, value=value, executor=executor, sandbox=sandbox,
     )
+    warn_unsandboxed(sandbox, executor)
     if ray:
         if search_beam > 0:
             raise typer.BadParameter("step search runs on one machine only",

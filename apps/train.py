@@ -21,7 +21,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
+
+from tirforge.apps.outputs import jsonl_out
+from tirforge.trajectories.messages import Style
 
 console = Console()
 
@@ -34,20 +38,22 @@ ALIASES = {
 }
 BOOL_FLAGS = {"only_correct": "--only-correct/--all"}
 HELP = {
-    "model": "Alias (smollm2), local folder or hub id.",
+    "model": "Alias (smollm2), local folder or hub id. \\[default: smollm2, or the config's]",
     "resume_from_checkpoint": "Resume: a checkpoint folder, or 'latest' in --output-dir.",
 }
 
 
 def _config(cls, config: Path | None, needs_data: bool = True, **overrides: Any):
     """Build a trainer config from YAML + options, resolving model aliases; exit 2 on errors."""
-    from tirforge.agent.models import ModelNotFoundError, resolve_model
+    from tirforge.agent.models import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg = cls.from_yaml(config, **overrides)
-        if not cfg.model:
-            raise ValueError("no model: pass --model or set `model` in the config")
+        if not cfg.model:  # as solve / collect / autoif: the embedded default model
+            cfg.model = DEFAULT_MODEL
+            console.print(f"note: no --model, training the default model ({DEFAULT_MODEL})",
+                          style="dim")
         if needs_data and not cfg.train_file and not getattr(cfg, "mixture", None):
             raise ValueError("no data: pass --train-file or set `train_file` in the config")
         cfg.model = resolve_model(cfg.model, log=console.log)
@@ -68,14 +74,15 @@ def _run(fn, *args) -> None:
     console.print(f"[green]saved[/green] {out}")
 
 
-def _option_type(hint: Any) -> type | None:
-    """The option type of a field: str, int, float or bool (optional or a Literal of strings
-    allowed); None for lists, mappings and unions of several types (YAML only)."""
+def _option_type(hint: Any) -> Any:
+    """The option type of a field: str, int, float, bool or a Literal of strings (a choice,
+    refused while parsing when not one of them), optional allowed; None for lists, mappings and
+    unions of several types (YAML only)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return _option_type(args[0]) if len(args) == 1 else None
     if typing.get_origin(hint) is typing.Literal:
-        return str if all(isinstance(a, str) for a in args) else None
+        return hint if all(isinstance(a, str) for a in args) else None
     return hint if hint in (str, int, float, bool) else None
 
 
@@ -93,7 +100,9 @@ def config_options(cls: type) -> list[inspect.Parameter]:
         dashed = "--" + f.name.replace("_", "-")
         decls = ((BOOL_FLAGS.get(f.name, f"{dashed}/--no-{f.name.replace('_', '-')}"),)
                  if typ is bool else (dashed, *ALIASES.get(f.name, ())))
-        text = HELP.get(f.name) or docs.get(f.name, "").split(". ")[0].rstrip(".") + "."
+        # Docstrings are reST-ish and may hold brackets ("in [0, 1)"): plain text for Rich.
+        text = HELP.get(f.name) or escape(
+            docs.get(f.name, "").split(". ")[0].rstrip(".").replace("``", "`") + ".")
         option = typer.Option(*decls, help=text, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[typ | None, option]))
@@ -176,14 +185,15 @@ class _Trainers(TyperGroup):
     def get_command(self, ctx: Any, name: str) -> Any:
         if name not in TRAINERS:
             return None
-        one = typer.Typer()
+        one = typer.Typer(add_completion=False)
         one.command(name)(TRAINERS[name]())
         return typer.main.get_command(one)
 
 
 train_app = typer.Typer(
     cls=_Trainers,
-    help="Train on trajectories: SFT, reward model, DPO, GRPO with tool rollouts.",
+    help="Train on trajectories: SFT, reward model, DPO, GRPO with tool rollouts, step-level "
+         "value model. --model defaults to smollm2.",
     no_args_is_help=True,
 )
 
@@ -192,15 +202,17 @@ def score_command(
     file: Annotated[Path, typer.Argument(help="Trajectory JSONL to score.")],
     rm_path: Annotated[str, typer.Option("--rm", help="Reward model folder (train rm).")],
     out: Annotated[
-        Path | None, typer.Option(help="Write here instead of rewriting FILE in place.")
+        Path | None, typer.Option(help="Write here (*.jsonl) instead of rewriting FILE in place.")
     ] = None,
-    style: Annotated[str, typer.Option(help="Layout the RM was trained on.")] = "fenced",
+    style: Annotated[Style, typer.Option(
+        help="Layout the RM was trained on.")] = "fenced",
     batch_size: Annotated[int, typer.Option(help="Trajectories per forward pass.")] = 8,
 ) -> None:
-    """Add reward-model scores (the ``score`` field) to every trajectory in FILE."""
+    """Add reward-model scores (the `score` field) to every trajectory in FILE."""
     from tirforge.training.rm import RewardScorer
     from tirforge.trajectories.schema import read_jsonl
 
+    jsonl_out(out)
     try:
         trajs = read_jsonl(file)
         scorer = RewardScorer(rm_path, style=style, batch_size=batch_size)

@@ -23,6 +23,7 @@ from .data_files import FIXTURES
 @pytest.fixture
 def clone(monkeypatch, tmp_path):
     """A clone with no data: TIRFORGE_DATA empty, no ../shared/data, an empty cache."""
+    (tmp_path / "data").mkdir()  # set and empty: a missing folder is an error of its own
     monkeypatch.setenv("TIRFORGE_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(D, "shared_data", lambda: tmp_path / "shared" / "data")
     monkeypatch.setenv("TIRFORGE_CACHE", str(tmp_path / "cache"))

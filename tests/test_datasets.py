@@ -36,6 +36,7 @@ def full(monkeypatch):
 @pytest.fixture
 def no_local_copy(monkeypatch, tmp_path):
     """A clone with no data folder: empty TIRFORGE_DATA, no ../shared, an empty cache."""
+    (tmp_path / "data").mkdir()  # set and empty: a missing folder is an error of its own
     monkeypatch.setenv("TIRFORGE_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(D, "shared_data", lambda: tmp_path / "no-shared")
     monkeypatch.setenv("TIRFORGE_CACHE", str(tmp_path / "cache"))

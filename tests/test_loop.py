@@ -317,9 +317,10 @@ def test_old_flat_keys_and_unknown_keys_are_refused_by_name(tmp_path):
         assert spelled in str(e.value)
     bad = tmp_path / "bad.yaml"
     for text, message in [
-        ("agent: {max_turn: 3}\n", r"unknown LoopConfig.agent fields: \['max_turn'\]"),
-        ("agent: {sampling: {temp: 1}}\n", r"unknown LoopConfig.agent.sampling fields"),
-        ("executor: {timeout: 5, nope: 1}\n", r"unknown LoopConfig.executor fields: \['nope'\]"),
+        ("agent: {max_turn: 3}\n",
+         r"unknown LoopConfig fields: agent.max_turn \(did you mean agent.max_turns\?\)"),
+        ("agent: {sampling: {temp: 1}}\n", r"unknown LoopConfig fields: agent.sampling.temp"),
+        ("executor: {timeout: 5, nope: 1}\n", r"unknown LoopConfig fields: executor.nope$"),
         ("sft: {model: x}\n", r"sft.model: set by the loop"),
         ("agent: 3\n", "LoopConfig.agent must be a mapping"),
         ("agent: {format: nonsense}\n", "nonsense"),
@@ -327,6 +328,21 @@ def test_old_flat_keys_and_unknown_keys_are_refused_by_name(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             LoopConfig.from_yaml(bad)
+
+
+def test_every_unknown_key_is_reported_at_once_with_a_suggestion(tmp_path):
+    bad = tmp_path / "typos.yaml"
+    bad.write_text("roundz: 3\nmax_turns: 2\nagent: {max_turn: 3, sampling: {temperatur: 1}}\n"
+                   "executor: {timout: 5, zzz: 1}\nsft: {learning_rat: 1.0e-5}\n")
+    with pytest.raises(ValueError) as e:
+        LoopConfig.from_yaml(bad)
+    msg = str(e.value)
+    assert "max_turns -> agent.max_turns" in msg  # the old flat key, in the same error
+    for shown in ("roundz (did you mean rounds?)", "agent.max_turn (did you mean agent.max_turns?)",
+                  "agent.sampling.temperatur (did you mean agent.sampling.temperature?)",
+                  "executor.timout (did you mean executor.timeout?)", "executor.zzz,",
+                  "sft.learning_rat (did you mean sft.learning_rate?)"):
+        assert shown in msg, (shown, msg)
 
 
 def test_sections_merge_onto_the_loop_defaults(tmp_path):

@@ -19,7 +19,6 @@ a multiple-choice letter, ...). Malformed rows raise with ``file:line`` instead 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,11 +132,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def data_root() -> Path:
     """``$TIRFORGE_DATA`` if set, else ``../shared/data`` next to the repository (it may not
-    exist: a plain clone has no data folder; ``resolve`` looks further)."""
-    env = os.environ.get("TIRFORGE_DATA")
-    if env:
-        return Path(env)
-    return shared_data()
+    exist: a plain clone has no data folder; ``resolve`` looks further). Raises
+    ``hub.DataRootMissing`` when ``$TIRFORGE_DATA`` is set to no folder."""
+    return hub.env_data_root() or shared_data()
 
 
 def shared_data() -> Path:
@@ -150,7 +147,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _local_candidates(spec: DatasetSpec) -> list[Path]:
-    roots = [Path(e)] if (e := os.environ.get("TIRFORGE_DATA")) else []
+    roots = [r] if (r := hub.env_data_root()) else []
     roots += [shared_data(), hub.cache_root() / "datasets"]
     return [r / spec.path for r in roots]
 
@@ -162,12 +159,16 @@ def resolve(name: str, *, allow_network: bool = False) -> tuple[Path, FieldMap]:
     ``<cache>/datasets/<path>``, then earlier Hub downloads), then the Hub when ``allow_network``
     and ``HF_HUB_OFFLINE`` is not set (downloaded once into the cache).
 
-    Raises ``DatasetNotFoundError`` (a ``FileNotFoundError``) naming everywhere it looked, the
+    Raises ``DatasetNotFoundError`` (a ``FileNotFoundError``) naming the variable when
+    ``$TIRFORGE_DATA`` is set to no folder, else naming everywhere it looked, the
     ``TIRFORGE_DATA`` variable and the ``--allow-network`` flag; for a set that is not on the
     Hub, it says so and where to get it. ``KeyError`` for an unregistered name.
     """
     spec = DATASETS[name]
-    candidates = _local_candidates(spec)
+    try:
+        candidates = _local_candidates(spec)
+    except hub.DataRootMissing as e:  # a mistyped TIRFORGE_DATA never falls back silently
+        raise DatasetNotFoundError(f"{name}: {e}") from None
     for path in candidates:
         if path.exists():
             return path, spec.fields

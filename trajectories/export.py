@@ -1,4 +1,4 @@
-"""Export trajectories as a Hugging Face ``datasets.Dataset`` (and Parquet / save_to_disk).
+"""Export trajectories as a Hugging Face ``datasets.Dataset`` (and JSONL / Parquet / save_to_disk).
 
 SFT rows carry ``messages`` (OpenAI chat format, code outputs as ``tool`` messages) and
 ``messages_fenced`` (one assistant message in the Qwen TIR text layout, outputs in ```output
@@ -16,7 +16,7 @@ import datasets
 from tirforge.trajectories.messages import to_messages
 from tirforge.trajectories.schema import Trajectory
 
-__all__ = ["save", "to_dpo_dataset", "to_sft_dataset"]
+__all__ = ["OUT_FORMATS", "out_format", "save", "to_dpo_dataset", "to_sft_dataset"]
 
 
 def sft_row(t: Trajectory) -> dict:
@@ -66,12 +66,39 @@ def to_dpo_dataset(pairs: Sequence[tuple[Trajectory, Trajectory]]) -> datasets.D
     return datasets.Dataset.from_list(rows)
 
 
-def save(ds: datasets.Dataset, out: str | Path) -> Path:
-    """``*.parquet`` -> one Parquet file; anything else -> a ``save_to_disk`` folder."""
+OUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", "": "folder"}
+"""Output path suffix -> what ``save`` writes there (no suffix: a ``save_to_disk`` folder)."""
+
+
+def out_format(out: str | Path) -> str:
+    """What ``save`` writes at ``out``: ``jsonl`` (one JSON row a line), ``parquet`` (one file)
+    or ``folder`` (``save_to_disk``; a path with no suffix, or an existing folder). Raises
+    ValueError for any other suffix (say ``x.json`` or ``x.csv``), naming the ones accepted, so
+    a command can refuse before it reads anything."""
     out = Path(out)
-    if out.suffix == ".parquet":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(out))
-    else:
+    if out.is_dir():
+        return "folder"
+    kind = OUT_FORMATS.get(out.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{out}: unsupported suffix {out.suffix!r}; write *.jsonl, *.parquet "
+                         "or a folder (a path with no suffix)")
+    if out.exists() and kind == "folder":
+        raise ValueError(f"{out} is a file; a dataset folder is written at a path with no suffix")
+    return kind
+
+
+def save(ds: datasets.Dataset, out: str | Path) -> Path:
+    """``*.jsonl`` -> JSON lines (``train sft --train-file`` reads its ``messages``),
+    ``*.parquet`` -> one Parquet file, a path with no suffix -> a ``save_to_disk`` folder.
+    Raises ValueError for another suffix (see ``out_format``)."""
+    out = Path(out)
+    kind = out_format(out)
+    if kind == "folder":
         ds.save_to_disk(str(out))
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "jsonl":
+        ds.to_json(str(out), lines=True, force_ascii=False)
+    else:
+        ds.to_parquet(str(out))
     return out

@@ -35,7 +35,8 @@ from platformdirs import user_cache_dir
 if TYPE_CHECKING:
     from tirforge.trajectories.datasets import FieldMap
 
-__all__ = ["HUB_SOURCES", "NOT_ON_HUB", "HubSource", "cache_root", "hub_offline"]
+__all__ = ["DATA_ENV", "HUB_SOURCES", "NOT_ON_HUB", "DataRootMissing", "HubSource", "cache_root",
+           "env_data_root", "hub_offline"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,29 @@ def cache_root() -> Path:
     """The project's cache root: ``$TIRFORGE_CACHE`` or the platform user cache dir (the same
     root ``agent.models.cache_dir`` puts converted models under, in ``models/``)."""
     return Path(os.environ.get("TIRFORGE_CACHE") or user_cache_dir("tirforge"))
+
+
+DATA_ENV = "TIRFORGE_DATA"
+"""The variable naming a folder laid out like ``../shared/data`` (first place looked in)."""
+
+
+class DataRootMissing(FileNotFoundError):
+    """``$TIRFORGE_DATA`` is set but names no folder (a typo would otherwise silently fall
+    back to ``../shared/data`` or the cache, or end in a download)."""
+
+
+def env_data_root() -> Path | None:
+    """``$TIRFORGE_DATA`` as a folder; None when unset or empty. Raises ``DataRootMissing``
+    naming the variable when it is set to something that is not an existing folder."""
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        raise DataRootMissing(f"{DATA_ENV}={value}: {what}; point it at a folder laid out like "
+                              f"../shared/data (gsm8k/test.jsonl, ...) or unset it")
+    return root
 
 
 def hub_offline() -> bool:

@@ -10,6 +10,8 @@ read (they are mapped).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -154,9 +156,13 @@ class LoopConfig:
         """As ``from_yaml``, from a mapping."""
         data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
         old = sorted(k for k in data if k in FLAT_KEYS and not _is_section(k, data[k]))
-        if old:
-            raise ValueError("flat keys of the old loop config; nest them: " + ", ".join(
-                f"{k} -> {FLAT_KEYS[k]}" for k in old))
+        problems = ["flat keys of the old loop config; nest them: " + ", ".join(
+            f"{k} -> {FLAT_KEYS[k]}" for k in old)] if old else []
+        unknown = unknown_keys(cls, {k: v for k, v in data.items() if k not in old})
+        if unknown:  # every typo at once, each with its nearest spelling
+            problems.append(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         set_by_loop = sorted(set(data.get("sft") or {}) & SET_BY_LOOP)
         if set_by_loop:
             raise ValueError(f"sft.{', sft.'.join(set_by_loop)}: set by the loop each round "
@@ -208,6 +214,27 @@ FLAT_KEYS = {
 }
 """Old flat key -> its place in the nested config."""
 SET_BY_LOOP = frozenset({"model", "train_file", "output_dir", "resume_from_checkpoint", "seed"})
+
+
+def unknown_keys(cls: type, data: Any, where: str = "") -> list[str]:
+    """Every key of ``data`` (nested sections included, as dotted paths) that is no field of
+    dataclass ``cls``, in the order written, each with ``(did you mean ...?)`` when a field is
+    spelled close (``difflib``). A section that is not a mapping is left to ``build``."""
+    if not isinstance(data, dict):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    out = []
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            out.append(path + (f" (did you mean {where}{near[0]}?)" if near else ""))
+            continue
+        f = fields[key]
+        proto = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(proto):
+            out += unknown_keys(type(proto), value, f"{path}.")
+    return out
 
 
 def _is_section(key: str, value: Any) -> bool:
