@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.kernel import KernelExecutor
 from tirforge.executors.result import SandboxUnavailable
+from tirforge.executors.tempdirs import owned_temp_dir
 
 #: Host variables a kernel may see (values copied when set); everything else is dropped, so no
 #: secret reaches model code whatever it is called. Source: the Docker backend's fixed env.
@@ -205,13 +205,13 @@ class LocalKernelExecutor(KernelExecutor):
     # -- KernelExecutor hooks ----------------------------------------------------------------
     def _launch(self) -> None:
         if self.workdir is None:
-            self.workdir = tempfile.mkdtemp(prefix="tirforge-kernel-")
+            self.workdir = owned_temp_dir("tirforge-kernel-")  # pid-named: see tempdirs
         self._cgroup = KernelCgroup.create(self.config.memory_mb, self.config.max_processes)
         # The socket dir is the one host dir a cell can write to (inside bwrap the sandbox uid
         # maps to ours, so no chmod closes it). On /dev/shm its files are memory charged to
         # the kernel's memory cgroup: bounded by memory_mb, never host disk.
         shm = "/dev/shm" if self._cgroup and "memory" in self._cgroup.dirs else None
-        self._sock_dir = tempfile.mkdtemp(prefix="tirforge-ipc-", dir=shm)
+        self._sock_dir = owned_temp_dir("tirforge-ipc-", shm)
         os.chmod(self._sock_dir, 0o700)
         env = {**self.env, "PYTHONDONTWRITEBYTECODE": "1"}
         env.setdefault("PATH", os.defpath)
