@@ -10,7 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tirforge.apps.choices import BackendName, ExecutorOpt, SandboxOpt, warn_unsandboxed
+from tirforge.apps.choices import (
+    BackendName,
+    ExecutorOpt,
+    SandboxOpt,
+    check_server,
+    warn_unsandboxed,
+)
 
 console = Console()
 
@@ -63,11 +69,13 @@ def autoif(
     allow_network: Annotated[bool, typer.Option(help="Allow hub downloads.")] = False,
 ) -> None:
     """Make instruction-following SFT/DPO data verified by code run in the sandbox (AutoIF)."""
+    from tirforge.agent.models import ModelNotFoundError
     from tirforge.agent.pipelines.autoif import STAGES, AutoIFConfig, run_autoif, verifier_pool
     from tirforge.agent.pipelines.autoif.pipeline import NEEDS_KERNEL, NEEDS_MODEL
     from tirforge.agent.pipelines.collect import make_run_backend
     from tirforge.executors import ExecutorConfig
 
+    check_server(backend, base_url)
     names = list(STAGES) if stages == "all" else [s.strip() for s in stages.split(",")]
     try:
         cfg = AutoIFConfig(
@@ -97,7 +105,7 @@ def autoif(
                         backend=backend, base_url=base_url, log=console.log)
         pool = verifier_pool(ExecutorConfig(backend=executor, sandbox=sandbox), kernels, cfg) \
             if NEEDS_KERNEL & set(names) else None
-    except (ValueError, ImportError, OSError) as e:
+    except (ValueError, ImportError, OSError, ModelNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if pool is not None:

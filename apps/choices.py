@@ -36,6 +36,14 @@ FormatOpt = Annotated[FormatName, typer.Option(
     "--format", help="Prompt format: how code and its output are laid out.")]
 
 
+def check_server(backend: str, base_url: str | None) -> None:
+    """``--backend openai`` talks to a server: refuse it without ``--base-url`` while parsing
+    (usage error, exit 2), before a store or folder is made."""
+    if backend == "openai" and not base_url:
+        raise typer.BadParameter("--backend openai needs --base-url (e.g. "
+                                 "http://localhost:8000/v1)", param_hint="--base-url")
+
+
 def warn_unsandboxed(sandbox: str, executor: str = "local", console: Console | None = None
                      ) -> None:
     """One line on stderr when ``--sandbox none`` runs model code on the host unisolated."""

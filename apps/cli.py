@@ -21,6 +21,7 @@ from tirforge.apps.choices import (
     FormatOpt,
     SandboxOpt,
     StrategyName,
+    check_server,
     warn_unsandboxed,
 )
 from tirforge.apps.data import register as register_data_commands
@@ -319,6 +320,7 @@ def chat(
     from tirforge.apps.chat import ChatConfig, ChatServer, benchmark_examples, build_app
     from tirforge.executors import ExecutorConfig
 
+    check_server(backend, base_url)
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warn_unsandboxed(sandbox, executor)

@@ -7,6 +7,7 @@ and ``trajectories.select`` / ``export``, and render progress and summaries.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,11 +34,18 @@ from tirforge.agent.pipelines.collect import (
     make_run_backend,
     run_collect,
 )
-from tirforge.apps.choices import BackendName, ExecutorOpt, FormatOpt, SandboxOpt, warn_unsandboxed
+from tirforge.apps.choices import (
+    BackendName,
+    ExecutorOpt,
+    FormatOpt,
+    SandboxOpt,
+    check_server,
+    warn_unsandboxed,
+)
 from tirforge.apps.outputs import dataset_out, folder_out, jsonl_out
 from tirforge.trajectories.datasets import FieldMap, Problem, load_dataset
 from tirforge.trajectories.schema import Trajectory
-from tirforge.trajectories.store import Store, StoreConfig, StoreLocked, config_hash
+from tirforge.trajectories.store import LOCK_NAME, Store, StoreConfig, StoreLocked, config_hash
 
 console = Console()
 
@@ -196,9 +204,11 @@ def collect(
     """Run the agent K times on every problem of DATASET into a resumable store."""
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.models import ModelNotFoundError
     from tirforge.executors import ExecutorConfig
 
     folder_out(out)
+    check_server(backend, base_url)
     problems = _load(dataset, field_map(problem_field, answer_field, answer_format), limit,
                      allow_network)
     agent_cfg = AgentConfig(
@@ -208,6 +218,7 @@ def collect(
     )
     model_name = "replay" if replay else model
     cfg_hash = config_hash({"model": model_name, "agent": asdict(agent_cfg)})
+    fresh = not out.exists()
     store = Store(out, StoreConfig(fsync=fsync))
     try:
         store.acquire()  # before anything slow: a second writer is told at once who holds it
@@ -218,7 +229,8 @@ def collect(
     exec_cfg = ExecutorConfig(backend=executor, sandbox=sandbox, timeout=timeout,
                               pool_size=max(1, width))
     warn_unsandboxed(sandbox, executor)
-    with store:
+    # Cleanup runs inside `with store`, while the lock is still ours.
+    with store, removed_if_unused(out, fresh):
         if ray:
             spec = backend_spec(model, backend, replay, base_url, api_key_env, allow_network)
             with ray_collector(spec, exec_cfg, ray_address, ray_actors, concurrency,
@@ -234,7 +246,7 @@ def collect(
                                               max_batch=width, backend=backend,
                                               base_url=base_url, api_key_env=api_key_env,
                                               log=console.log)
-            except (ValueError, ImportError) as e:
+            except (ValueError, ImportError, ModelNotFoundError) as e:
                 console.print(f"[red]error:[/red] {escape(str(e))}")
                 raise typer.Exit(2) from None
             with KernelPool(exec_cfg) as pool:
@@ -245,6 +257,20 @@ def collect(
     print_report(rep, samples)
     if rep.failed:
         raise typer.Exit(1)
+
+
+@contextmanager
+def removed_if_unused(folder: Path, fresh: bool) -> Iterator[None]:
+    """Remove the store folder this command made (``fresh``: it did not exist before) when the
+    command fails before writing a record (a model that does not load, kernels that do not
+    start): no half-made folder is left. Call it holding the store's lock; only a folder with
+    nothing but the writer lock in it goes, so nothing collected is ever lost."""
+    try:
+        yield
+    except BaseException:
+        if fresh and folder.is_dir() and all(p.name == LOCK_NAME for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _collect(problems: list[Problem], samples: int, store: Store, cfg_hash: str, agent_cfg,
@@ -388,13 +414,18 @@ def evolve(
     """Rewrite seed problems (MuggleMath / DotaMath types) and label them by TIR consensus."""
     from tirforge.agent.backends.base import SamplingParams
     from tirforge.agent.graph import AgentConfig
+    from tirforge.agent.models import ModelNotFoundError
     from tirforge.agent.pipelines.evolve import run_evolve, sampled_generate, store_collector
     from tirforge.executors import ExecutorConfig, KernelPool
 
     jsonl_out(out)
     seeds = _load(dataset, None, limit, allow_network)
-    with console.status(f"Loading {model} ..."):
-        backend = make_run_backend(model, allow_network=allow_network, log=console.log)
+    try:
+        with console.status(f"Loading {model} ..."):
+            backend = make_run_backend(model, allow_network=allow_network, log=console.log)
+    except (ValueError, ImportError, ModelNotFoundError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     params = SamplingParams(max_new_tokens=512, temperature=temperature)
     store = Store(out.with_suffix(".store"))
     with KernelPool(ExecutorConfig(pool_size=max(1, concurrency))) as pool, store:

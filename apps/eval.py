@@ -21,6 +21,7 @@ from tirforge.apps.choices import (
     ExecutorOpt,
     FormatOpt,
     SandboxOpt,
+    check_server,
     warn_unsandboxed,
 )
 from tirforge.apps.data import (
@@ -107,11 +108,13 @@ def eval_command(
     ray_gpus_per_actor: RayGpus = 0.0,
 ) -> None:
     """Evaluate a model: greedy, maj@N and RM@N per benchmark, as in the Qwen2.5-Math report."""
+    from tirforge.agent.models import ModelNotFoundError
     from tirforge.agent.pipelines.collect import make_run_backend
     from tirforge.executors import KernelPool
     from tirforge.trajectories.datasets import DATASETS, DatasetNotFoundError, resolve
 
     folder_out(out, what="results folder")
+    check_server(backend, base_url)
     if value is not None and search_beam < 1:
         raise typer.BadParameter("--value scores step search: give --search-beam B too",
                                  param_hint="--value")
@@ -150,7 +153,7 @@ def eval_command(
                                            max_batch=cfg.concurrency, backend=backend,
                                            base_url=base_url, api_key_env=api_key_env,
                                            log=console.log)
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, ModelNotFoundError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     with KernelPool(cfg.executor_config()) as pool:

@@ -38,7 +38,8 @@ class _Bars:
 
 
 def loop_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="configs/loop-*.yaml")],
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="Loop config YAML, e.g. configs/loop-cpu.yaml.")],
     name: Annotated[str | None, typer.Option(help="Run name (folder under out_dir).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Training rounds R (R+1 evals).")] = None,
     out_dir: Annotated[str | None, typer.Option(help="Parent folder of runs.")] = None,

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from tirforge.apps.choices import ExecutorName, SandboxMode, warn_unsandboxed
 from tirforge.apps.outputs import jsonl_out
 from tirforge.trajectories.messages import Style
 
@@ -37,6 +38,8 @@ ALIASES = {
     "rm_path": ("--rm",),
 }
 BOOL_FLAGS = {"only_correct": "--only-correct/--all"}
+# Fields typed `str` in the configs whose values are closed sets: refused while parsing.
+CHOICES = {"executor": ExecutorName, "sandbox": SandboxMode, "style": Style}
 HELP = {
     "model": "Alias (smollm2), local folder or hub id. \\[default: smollm2, or the config's]",
     "resume_from_checkpoint": "Resume: a checkpoint folder, or 'latest' in --output-dir.",
@@ -94,7 +97,7 @@ def config_options(cls: type) -> list[inspect.Parameter]:
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     params = []
     for f in dataclasses.fields(cls):
-        typ = _option_type(hints[f.name])
+        typ = CHOICES.get(f.name) or _option_type(hints[f.name])
         if typ is None or f.name.startswith("_"):
             continue
         dashed = "--" + f.name.replace("_", "-")
@@ -155,6 +158,7 @@ def _grpo() -> Callable[..., None]:
         from tirforge.agent.pipelines.rollout import run_grpo
 
         cfg = _config(mod.GRPOTrainConfig, config, needs_data=False, **overrides)
+        warn_unsandboxed(cfg.sandbox, cfg.executor, console)
         _run(run_grpo, cfg, extras["problems"])
 
     return trainer_command(mod.GRPOTrainConfig, run, [problems], doc="GRPO: each rollout is a "

@@ -145,6 +145,31 @@ def test_other_closed_choices_are_refused_too():
     assert res.exit_code == 2 and "'tool', 'fenced'" in one_line(res.output)
     res = invoke(["train", "rm", "--loss", "hinge"])  # a Literal field of the trainer config
     assert res.exit_code == 2 and "'pairwise', 'listwise'" in one_line(res.output)
+    res = invoke(["train", "grpo", "--problems", "p.jsonl", "--sandbox", "firejail"])
+    assert res.exit_code == 2 and "'auto', 'bwrap', 'none'" in one_line(res.output)
+    res = invoke(["train", "sft", "--style", "chatml"])
+    assert res.exit_code == 2 and "'tool', 'fenced'" in one_line(res.output)
+
+
+def test_a_model_that_does_not_load_is_one_line_and_leaves_no_folder(tmp_path):
+    for args in (["collect", str(FIXTURE), *GSM8K, "--out", "{tmp}/store"],
+                 ["eval", "--benchmarks", "gsm8k", "--out", "{tmp}/eval"],
+                 ["evolve", "gsm8k", "--out", "{tmp}/new.jsonl"],
+                 ["autoif", "{tmp}/work", "--stages", "seeds,augment"]):
+        res = invoke([a.replace("{tmp}", str(tmp_path)) for a in args]
+                     + ["--model", str(tmp_path / "no-model")],
+                     TIRFORGE_DATA=str(ROOT / "tests" / "fixtures" / "data"))
+        assert res.exit_code == 2, (args, res.output)
+        assert "No model folder at" in res.output and "Traceback" not in res.output, res.output
+        assert list(tmp_path.iterdir()) == [], args  # no store folder with a stale writer.lock
+
+
+def test_openai_backend_without_a_server_url_is_refused_at_once(tmp_path):
+    for args in (["collect", str(FIXTURE), "--out", "{tmp}/store"], ["eval", "--out", "{tmp}/e"],
+                 ["chat"], ["autoif", "{tmp}/work"]):
+        res = invoke([a.replace("{tmp}", str(tmp_path)) for a in args] + ["--backend", "openai"])
+        assert res.exit_code == 2 and "needs --base-url" in one_line(res.output), res.output
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- --out paths
@@ -275,6 +300,17 @@ def test_choose_without_scorer_is_worded_for_the_library():
         choose([traj(), traj("incorrect", "6")], "best-of-n")
     assert "--rm" not in str(e.value) and e.value.strategy == "best-of-n"
     assert isinstance(e.value, ValueError)  # callers catching ValueError still do
+
+
+def test_solve_maps_a_missing_scorer_to_its_options(monkeypatch):
+    """Should the CLI ever reach the library without a scorer, the user reads option names."""
+    from .test_strategies import SAMPLES, solve_cli
+
+    monkeypatch.setattr("tirforge.apps.cli._solve_scorer", lambda *a: None)
+    r, _ = solve_cli(monkeypatch, SAMPLES, "--strategy", "best-of-n", "--n", "2")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "--strategy best-of-n needs a scorer: pass --rm PATH" in r.output
+    assert "scorer=" not in r.output
 
 
 # --------------------------------------------------------------------------- stale temp dirs
