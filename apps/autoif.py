@@ -25,7 +25,7 @@ def autoif(
     workdir: Annotated[Path, typer.Argument(help="Work folder: one file per stage (resumable).")],
     stages: Annotated[str, typer.Option(
         help="Comma-separated stages to run, in pipeline order: seeds, augment, verifiers, "
-             "crossval, backtranslate, queries, responses, export (default: all).")] = "all",
+             "crossval, backtranslate, queries, responses, export; all: every one.")] = "all",
     seeds: Annotated[Path | None, typer.Option(
         help="Seed instructions: JSONL with 'instruction' (or a text file, one a line); "
              "default: the ~30 shipped seeds.")] = None,
