@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from tirforge.apps.choices import warn_unsandboxed
+
 console = Console()
 
 
@@ -53,6 +55,7 @@ def loop_command(
     try:
         cfg = LoopConfig.from_yaml(config, name=name, rounds=rounds, out_dir=out_dir,
                                    concurrency=concurrency)
+        warn_unsandboxed(cfg.executor.sandbox, cfg.executor.backend, console)
         rows = run_loop(cfg, log=console.log, progress=bars)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
