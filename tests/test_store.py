@@ -182,13 +182,18 @@ def test_stores_of_older_versions_read_each_key_once(tmp_path):
 # -- the same command twice on one store (real CLI, kernels, replay backend) -------------------
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_gsm8k.jsonl"
-SLOW = ["```python\nimport time; time.sleep(0.5)\nprint(2870)\n```", "\\boxed{2870}"]
+def slow(seconds: float) -> list[str]:
+    """Replayed turns whose cell sleeps: a collect that is still writing when others meet it."""
+    return [f"```python\nimport time; time.sleep({seconds})\nprint(2870)\n```", "\\boxed{2870}"]
+
+
+SLOW = slow(0.5)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-def _collect_cmd(tmp_path: Path) -> list[str]:
+def _collect_cmd(tmp_path: Path, turns_: list[str] = SLOW) -> list[str]:
     turns = tmp_path / "turns.json"
-    turns.write_text(json.dumps(SLOW))
+    turns.write_text(json.dumps(turns_))
     return [sys.executable, "-m", "tirforge.apps.cli", "collect", str(FIXTURE),
             "--problem-field", "question", "--answer-field", "answer", "--answer-format", "gsm8k",
             "--samples", "2", "--out", str(tmp_path / "store"), "--replay", str(turns),
@@ -229,7 +234,8 @@ def test_two_collects_started_together_store_each_key_once(tmp_path):
 
 
 def test_orphan_of_an_earlier_run_blocks_a_rerun_until_it_ends(tmp_path):
-    cmd = _collect_cmd(tmp_path)
+    # 2 s cells: the orphan must outlive the re-run's CLI start on a loaded machine.
+    cmd = _collect_cmd(tmp_path, slow(2))
     # The orphan: started by a shell that exits at once (as when a terminal or a parent dies).
     shell = subprocess.run(["sh", "-c", 'setsid "$@" >/dev/null 2>&1 & echo $!', "sh", *cmd],
                            env=ENV, capture_output=True, text=True, timeout=30)
