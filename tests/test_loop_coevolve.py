@@ -252,3 +252,14 @@ def test_coevolution_settings_are_checked(tmp_path):
     assert (cfg.rm.train.loss, cfg.rm.train.max_group_size) == ("listwise", 6)
     assert (cfg.rl.samples, cfg.rl.min_correct, cfg.rl.max_correct) == (8, 2, 5)
     assert cfg.rl.grpo.rm_alpha == 0.5 and cfg.infer.n == 0 and not cfg.rm.enabled
+
+
+def test_shipped_coevolution_configs_load():
+    configs = Path(__file__).parents[1] / "configs"
+    cpu = LoopConfig.from_yaml(configs / "loop-coevolve-cpu.yaml")
+    assert cpu.model == "smollm2" and cpu.rm.enabled and cpu.rl.enabled and cpu.infer.n == 2
+    assert cpu.rm.train.loss == "listwise" and cpu.rm.train.max_group_size == 6
+    gpu = LoopConfig.from_yaml(configs / "loop-gpu.yaml")
+    assert gpu.rm.enabled and gpu.rl.enabled and gpu.infer.n == 8 and gpu.backend == "vllm"
+    assert (gpu.rl.samples, gpu.rl.min_correct, gpu.rl.max_correct) == (8, 2, 5)
+    assert gpu.rl.grpo.rm_alpha == 0.5 and gpu.rm.train.bf16

@@ -5,19 +5,27 @@ Round r (0 .. R) starts from model_r (model_0 = the configured base model):
 
 1. **eval**: greedy TIR (temperature 0, one sample) on a held-out split, accuracy with a
    bootstrap 95 % CI. Round 0 evaluates the base model, so the table reads before / after.
+   With ``infer.n``, **sample** adds N sampled trajectories per held-out problem: maj@N, pass@N
+   (``loop_eval``).
 2. **evolve** (optional): model_r rewrites some training problems into new ones, labelled by
    consensus of sampled TIR solutions; accepted ones join this round's collection.
 3. **collect**: K sampled trajectories per training problem (``pipelines.collect``),
    graded by the agent against the reference.
-4. **select**: distinct correct paths (``select_distinct``), optionally only those an outcome
-   reward model scores above a threshold; written to ``round-<r>/train.jsonl``.
-5. **train**: SFT (full or LoRA, merged) from model_r on that file into ``round-<r>/model``,
+4. **rm** (``rm.enabled``): RM_r trained on the round's graded samples, warm-started from
+   RM_{r-1} or model_r; held-out AUC and RM@N (``loop_rm``).
+5. **select**: distinct correct paths (``select_distinct``), ordered and filtered by RM_r (or a
+   fixed ``rm_filter``); written to ``round-<r>/train.jsonl`` (``loop_select``).
+6. **train**: SFT (full or LoRA, merged) from model_r on that file into ``round-<r>/model``,
    which is model_{r+1}. A round that selects nothing skips SFT: model_{r+1} = model_r.
+
+After the last round (``rl.enabled``), ``rl/`` holds the final RL stage: a difficulty filter,
+GRPO from model_R with the last RM shaping the reward, and the RL model's evals (``loop_rl``).
 
 The config is ``loop_config.LoopConfig``; SFT and the model folders are ``loop_train``; the
 markers and reports ``loop_report``. The last round (r = R) only evaluates. Everything lives
 under ``<out_dir>/<name>/``:
-``round-<r>/{eval,collect,evolve}/`` (resumable stores), ``train.jsonl``, ``model/``, one
+``round-<r>/{eval,sample,collect,evolve}/`` (resumable stores), ``rm/``, ``train.jsonl``,
+``model/``, ``rl/``, one
 ``<stage>.done`` marker per finished stage holding that stage's metrics, and at the top
 ``config.yaml``, ``metrics.jsonl`` (one row per round), ``summary.md`` and ``progress.png``.
 
