@@ -173,7 +173,7 @@ def test_coevolving_pipeline_killed_at_every_stage_resumes_without_redoing_work(
     assert rl["filter"]["kept"] == 4 and rl["filter"]["model"] == "round-1/model"
     tr = rl["train"]
     assert tr["model"] == "rl/model" and tr["init"] == "round-1/model" and tr["problems"] == 4
-    assert tr["rm"] == str((run / "round-1/rm/model").resolve()) and tr["alpha"] == 0.5
+    assert tr["rm"] == "round-1/rm/model" and tr["alpha"] == 0.5
     assert [p["step"] for p in tr["rewards"]] == [1, 2]  # step 1 from the checkpoint
     assert all(-1.0 < p["reward"] < 1.0 for p in tr["rewards"])
     assert factory.rollout_calls == 3  # step 1, step 2 killed, step 2 again: not step 1 again

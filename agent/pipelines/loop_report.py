@@ -218,7 +218,8 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
                     f"{v['problems_changed']} problems changed")
         if rm := row.get("rm"):
             lines.append(f"- RM: {rm['reason']}" if rm["skipped"] else
-                         f"- RM: `{rm['model']}` ({rm['loss']}, from the {rm['init']}) on "
+                         f"- RM: `{rm['model']}` ({rm['loss']}, warm-started from "
+                         f"{'the previous RM' if rm['init'] == 'previous' else 'the policy'}) on "
                          f"{rm['problems']} held-in problems with both verdicts; AUC held-out "
                          f"{_num(rm['auc_held_out'])}, held-in {_num(rm['auc_held_in'])}"
                          + ("" if rm["reused"] else f" ({rm['seconds']:.0f} s)"))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tirforge.agent.pipelines.loop_config import write_atomic
-from tirforge.agent.pipelines.loop_eval import collect_into
+from tirforge.agent.pipelines.loop_eval import collect_into, rm_label
 from tirforge.agent.pipelines.loop_report import finish_stage, histogram, read_marker
 from tirforge.agent.pipelines.loop_rm import final_rm
 from tirforge.agent.pipelines.loop_train import complete_model
@@ -125,8 +125,9 @@ def stage_rl_train(s: Session, rd: Path, model_label: str, init: str,
     curve = reward_curve(history)
     return finish_stage(rd, "train", {
         "skipped": False, "model": "rl/model", "init": model_label, "problems": len(problems),
-        "rm": rm, "alpha": rl.grpo.rm_alpha if rm else None, "steps": len(curve),
-        "rewards": curve, "reused": reused, "seconds": round(time.perf_counter() - t0, 1)})
+        "rm": rm and rm_label(cfg, rm), "alpha": rl.grpo.rm_alpha if rm else None,
+        "steps": len(curve), "rewards": curve, "reused": reused,
+        "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def rl_model(cfg: Any) -> str | None:
