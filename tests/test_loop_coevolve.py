@@ -263,3 +263,20 @@ def test_shipped_coevolution_configs_load():
     assert gpu.rm.enabled and gpu.rl.enabled and gpu.infer.n == 8 and gpu.backend == "vllm"
     assert (gpu.rl.samples, gpu.rl.min_correct, gpu.rl.max_correct) == (8, 2, 5)
     assert gpu.rl.grpo.rm_alpha == 0.5 and gpu.rm.train.bf16
+
+
+def test_rl_with_no_problem_in_range_is_skipped_and_keeps_the_model(tmp_path):
+    """Every problem has 3 of 4 right: a 4-of-4 filter keeps none, GRPO is skipped and the
+    unchanged model is not evaluated twice; rounds: 0 starts RL from the base model."""
+    cfg = coevolve_cfg(tmp_path, rounds=0, infer={"n": 0}, rm={"enabled": False},
+                       rl={"min_correct": 4, "max_correct": 4})
+    factory = Factory(tmp_path / "toy.jsonl")
+    rows = run_loop(cfg, factory, rl_backend=factory.rl)
+    rl = rows[-1]
+    assert rl["round"] == "rl" and rl["filter"]["kept"] == 0
+    assert rl["filter"]["correct_per_problem"] == {"0": 0, "1": 0, "2": 0, "3": 4}
+    assert rl["train"]["skipped"] is True and rl["train"]["model"] == cfg.model
+    assert "eval" not in rl and factory.rollout_calls == 0
+    assert sorted(p.name for p in (cfg.run_dir / "rl").iterdir()) == [
+        "filter", "filter.done", "problems.jsonl", "train.done"]
+    assert "RL skipped, model unchanged" in (cfg.run_dir / "summary.md").read_text()

@@ -352,6 +352,8 @@ def _rl_stages(s: Session, rl_backend: Any) -> list[tuple[str, Callable[[], dict
         ("filter", partial(stage_filter, s, rd, final, model_path(cfg, final))),
         ("train", lambda: stage_rl_train(s, rd, final, model_path(
             cfg, final, resolve=True, log=s.log), rl_backend))]
+    if (read_marker(rd, "train") or {}).get("skipped"):
+        return stages  # no RL model: model_R was evaluated in round R
     label = rl_model(cfg) or "rl/model"  # known once train finished (before its evals run)
     evals: list[tuple[str, Callable[[], dict]]] = [("eval", lambda: stage_eval(
         s, "rl", rd, label, model_path(cfg, label)))]
