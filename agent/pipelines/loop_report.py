@@ -255,6 +255,8 @@ def coevolution_lines(cfg: LoopConfig, rows: list[dict]) -> list[str]:
              f"| round | policy | greedy % | maj@{n} % | RM@{n} % | RM (AUC held-out) "
              "| kept (RFT alone) |", "|---|---|---:|---:|---:|---|---:|"]
     for row in rows:
+        if row["round"] == "rl" and "eval" not in row:
+            continue  # RL skipped (or not evaluated yet): no RL model to show
         e, smp, rm, sel = (row.get(x) or {} for x in ("eval", "sample", "rm", "select"))
         rm_at, picker = _rm_at(row, n)
         own = f"`{rm['model']}` ({_num(rm.get('auc_held_out'))})" if rm.get("model") else "–"
