@@ -102,7 +102,8 @@ def stage_rm(s: Session, r: int, rd: Path, policy: str) -> dict:
         return finish_stage(rd, "rm", {
             **base, "skipped": True, "model": prev,
             "reason": "no held-in problem has both a correct and an incorrect sample: "
-                      + ("the previous RM is kept" if prev else "no RM this round")})
+                      + ("the previous RM is kept" if prev else "no RM this round"),
+            "seconds": round(time.perf_counter() - t0, 1)})
     init = str((cfg.run_dir / prev).resolve()) if sec.init == "previous" and prev else policy
     reused = complete_model(dest)
     if not reused:
