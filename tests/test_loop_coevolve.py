@@ -246,6 +246,8 @@ def test_coevolution_settings_are_checked(tmp_path):
         LoopConfig.from_dict({"rl": {"grpo": {"rm_path": "x"}}})
     with pytest.raises(ValueError, match="min_correct <= max_correct"):
         LoopConfig.from_dict({"rl": {"min_correct": 6, "max_correct": 5}})
+    with pytest.raises(ValueError, match="LoopConfig.rm must be a mapping"):
+        LoopConfig.from_dict({"rm": 3})
     with pytest.raises(ValueError, match="unknown LoopConfig.rm fields"):
         LoopConfig.from_dict({"rm": {"nope": 1}})
     cfg = LoopConfig()

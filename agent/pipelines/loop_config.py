@@ -167,8 +167,12 @@ class LoopConfig:
         if old:
             raise ValueError("flat keys of the old loop config; nest them: " + ", ".join(
                 f"{k} -> {FLAT_KEYS[k]}" for k in old))
-        sections = {"sft": data.get("sft"), "rm.train": (data.get("rm") or {}).get("train"),
-                    "rl.grpo": (data.get("rl") or {}).get("grpo")}
+        def sub(name: str, key: str) -> Any:
+            sec = data.get(name)
+            return sec.get(key) if isinstance(sec, dict) else None
+
+        sections = {"sft": data.get("sft"), "rm.train": sub("rm", "train"),
+                    "rl.grpo": sub("rl", "grpo")}
         set_by_loop = sorted(f"{name}.{k}" for name, sec in sections.items()
                              if isinstance(sec, dict) for k in set(sec) & SET_BY_LOOP)
         if set_by_loop:
