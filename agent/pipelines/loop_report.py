@@ -321,6 +321,10 @@ def plot_progress(rows: list[dict], path: Path, n: int = 0) -> None:
                     label="correct trajectories")
         ax_data.bar([x + 0.2 for x in xs], [m["kept"] for _, m in sel], width=0.4,
                     label="distinct kept (SFT data)")
+        rft = [(r, m["vs_rft"]["rft_kept"]) for r, m in sel if "vs_rft" in m]
+        if rft:  # what RFT alone would have kept, next to the RM-guided bar
+            ax_data.scatter([r + 0.2 for r, _ in rft], [k for _, k in rft], marker="_",
+                            s=400, color="black", label="kept by RFT alone", zorder=3)
         ax_data.set_xticks(xs)
         ax_data.set_xlim(min(xs) - 0.8, max(xs) + 0.8)  # one round: bars, not a filled axis
         ax_data.legend(fontsize=8, loc="upper left")
