@@ -47,7 +47,8 @@ def loop_command(
     out_dir: Annotated[str | None, typer.Option(help="Parent folder of runs.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Trajectories in flight.")] = None,
 ) -> None:
-    """Self-improvement: per round eval → collect K → select distinct correct → SFT, resumable."""
+    """Self-improvement: per round eval → collect K → (train RM_r) → select distinct correct
+    (RM-guided) → SFT, then optional GRPO with the last RM; resumable."""
     from tirforge.agent.pipelines.loop import run_loop
     from tirforge.agent.pipelines.loop_config import LoopConfig
 

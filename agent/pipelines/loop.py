@@ -5,19 +5,27 @@ Round r (0 .. R) starts from model_r (model_0 = the configured base model):
 
 1. **eval**: greedy TIR (temperature 0, one sample) on a held-out split, accuracy with a
    bootstrap 95 % CI. Round 0 evaluates the base model, so the table reads before / after.
+   With ``infer.n``, **sample** adds N sampled trajectories per held-out problem: maj@N, pass@N
+   (``loop_eval``).
 2. **evolve** (optional): model_r rewrites some training problems into new ones, labelled by
    consensus of sampled TIR solutions; accepted ones join this round's collection.
 3. **collect**: K sampled trajectories per training problem (``pipelines.collect``),
    graded by the agent against the reference.
-4. **select**: distinct correct paths (``select_distinct``), optionally only those an outcome
-   reward model scores above a threshold; written to ``round-<r>/train.jsonl``.
-5. **train**: SFT (full or LoRA, merged) from model_r on that file into ``round-<r>/model``,
+4. **rm** (``rm.enabled``): RM_r trained on the round's graded samples, warm-started from
+   RM_{r-1} or model_r; held-out AUC and RM@N (``loop_rm``).
+5. **select**: distinct correct paths (``select_distinct``), ordered and filtered by RM_r (or a
+   fixed ``rm_filter``); written to ``round-<r>/train.jsonl`` (``loop_select``).
+6. **train**: SFT (full or LoRA, merged) from model_r on that file into ``round-<r>/model``,
    which is model_{r+1}. A round that selects nothing skips SFT: model_{r+1} = model_r.
+
+After the last round (``rl.enabled``), ``rl/`` holds the final RL stage: a difficulty filter,
+GRPO from model_R with the last RM shaping the reward, and the RL model's evals (``loop_rl``).
 
 The config is ``loop_config.LoopConfig``; SFT and the model folders are ``loop_train``; the
 markers and reports ``loop_report``. The last round (r = R) only evaluates. Everything lives
 under ``<out_dir>/<name>/``:
-``round-<r>/{eval,collect,evolve}/`` (resumable stores), ``train.jsonl``, ``model/``, one
+``round-<r>/{eval,sample,collect,evolve}/`` (resumable stores), ``rm/``, ``train.jsonl``,
+``model/``, ``rl/``, one
 ``<stage>.done`` marker per finished stage holding that stage's metrics, and at the top
 ``config.yaml``, ``metrics.jsonl`` (one row per round), ``summary.md`` and ``progress.png``.
 
@@ -45,18 +53,20 @@ from pathlib import Path
 from typing import Any
 
 from tirforge.agent.pipelines.loop_config import LoopConfig, check_run_config, write_atomic
+from tirforge.agent.pipelines.loop_eval import collect_into, stage_eval, stage_sample
 from tirforge.agent.pipelines.loop_report import (
-    bootstrap_ci,
     finish_stage,
     histogram,
     read_marker,
     trajectory_stats,
     write_reports,
 )
+from tirforge.agent.pipelines.loop_rl import rl_model, stage_filter, stage_rl_train
+from tirforge.agent.pipelines.loop_rm import final_rm, stage_rm
+from tirforge.agent.pipelines.loop_select import stage_select
 from tirforge.agent.pipelines.loop_train import stage_train
 from tirforge.trajectories.datasets import Problem, load_dataset
 from tirforge.trajectories.schema import Trajectory
-from tirforge.trajectories.store import Store, config_hash
 
 BackendFactory = Callable[[str], Any]
 """Model folder / alias / hub id -> a backend (``agent.backends``): tests inject a replay one."""
@@ -209,61 +219,6 @@ class Session:
             self._pool = None
 
 
-def _collect(
-    s: Session, what: str, problems: Sequence[Problem], samples: int, store_dir: Path,
-    model_label: str, model: str, agent_cfg: Any, stage: str,
-) -> tuple[Any, str, list[Trajectory]]:
-    """Resumable collection with up to two retries of failed jobs (a transient server or
-    kernel fault); jobs failing a third time are reported and counted as failures."""
-    from tirforge.agent.pipelines.collect import run_collect
-
-    cfg_hash = config_hash({"model": model_label, "agent": asdict(agent_cfg), "stage": stage})
-    store = Store(store_dir)
-    wanted = {p.id for p in problems}
-    todo = len(problems) * samples - len(
-        {k for k in store.done_keys() if k[2] == cfg_hash and k[0] in wanted and k[1] < samples})
-    rep = None
-    counts = {"done": 0, "correct": 0}
-
-    def on_done(t: Trajectory | None) -> None:
-        counts["done"] += 1
-        counts["correct"] += t is not None and t.verdict == "correct"
-        s.progress(what, counts["done"], todo, counts["correct"])
-
-    with store:
-        for attempt in range(3):
-            backend = s.backend(model) if todo else None  # nothing to do: no model load
-            rep = run_collect(problems, samples=samples, store=store, cfg_hash=cfg_hash,
-                              backend=backend, pool=s.pool() if todo else None,
-                              agent_cfg=agent_cfg, concurrency=s.cfg.concurrency,
-                              model_name=model_label, on_done=on_done)
-            if not rep.failed:
-                break
-            s.log(f"{what}: {rep.failed} jobs failed ({rep.errors[0]})"
-                  + ("; retrying" if attempt < 2 else "; giving up on them"))
-    trajs = [t for t in Store(store_dir) if t.config_hash == cfg_hash
-             and t.problem_id in wanted and (t.sample or 0) < samples]
-    return rep, cfg_hash, trajs
-
-
-def stage_eval(s: Session, r: int, rd: Path, model_label: str, model: str) -> dict:
-    """Greedy accuracy of model_r on the held-out split, with a bootstrap CI."""
-    cfg, t0 = s.cfg, time.perf_counter()
-    rep, cfg_hash, trajs = _collect(s, f"round {r} eval", s.held_out, 1, rd / "eval",
-                                    model_label, model, cfg.eval_agent(), "eval")
-    by_pid = {t.problem_id: t for t in trajs}
-    # A job that failed three times counts as wrong: the denominator is the whole split.
-    scores = [float(p.id in by_pid and by_pid[p.id].verdict == "correct") for p in s.held_out]
-    acc, low, high = bootstrap_ci(scores, samples=cfg.bootstrap_samples, level=cfg.ci_level,
-                                  seed=cfg.seed)
-    return finish_stage(rd, "eval", {
-        "model": model_label, "config_hash": cfg_hash, "problems": len(s.held_out),
-        "correct": int(sum(scores)), "accuracy": acc, "ci_low": low, "ci_high": high,
-        "ci_level": cfg.ci_level, "failed": len(s.held_out) - len(by_pid),
-        **trajectory_stats(trajs), "seconds": round(time.perf_counter() - t0, 1),
-    })
-
-
 def stage_evolve(s: Session, r: int, rd: Path, model_label: str, model: str) -> dict:
     """New problems from a window of training seeds, labelled by consensus of model_r."""
     from tirforge.agent.backends.base import SamplingParams
@@ -297,7 +252,7 @@ def stage_evolve(s: Session, r: int, rd: Path, model_label: str, model: str) -> 
         return sampled_generate(s.backend(model), params)(prompts)
 
     def collect(new: list[Problem], samples: int) -> list[Trajectory]:
-        return _collect(s, f"round {r} evolve-label", new, samples, folder / "label",
+        return collect_into(s, f"round {r} evolve-label", new, samples, folder / "label",
                         model_label, model, cfg.agent, "evolve-label")[2]
 
     labelled, stats = run_evolve(
@@ -316,7 +271,7 @@ def stage_collect(s: Session, r: int, rd: Path, model_label: str, model: str) ->
     evolved = rd / "evolve" / "evolved.jsonl"
     problems = [*s.train, *(_read_problems(evolved) if evolved.exists() else [])]
     k = cfg.samples_per_problem
-    rep, cfg_hash, trajs = _collect(s, f"round {r} collect", problems, k, rd / "collect",
+    rep, cfg_hash, trajs = collect_into(s, f"round {r} collect", problems, k, rd / "collect",
                                     model_label, model, cfg.agent, "collect")
     summary = summarize(trajs, problems)  # over the store, not only this run's new jobs
     correct = Counter(t.problem_id for t in trajs if t.verdict == "correct")
@@ -327,49 +282,6 @@ def stage_collect(s: Session, r: int, rd: Path, model_label: str, model: str) ->
         "pass@1": summary.pass_at_1, f"pass@{k}": summary.pass_at_k, f"maj@{k}": summary.maj_at_k,
         "correct_per_problem": histogram([correct[p.id] for p in problems]),
         **trajectory_stats(trajs), "seconds": round(time.perf_counter() - t0, 1),
-    })
-
-
-def stage_select(s: Session, r: int, rd: Path) -> dict:
-    """Distinct correct paths (optionally RM-filtered) into ``train.jsonl``."""
-    from tirforge.trajectories.select import SelectConfig, select_distinct
-
-    cfg, t0 = s.cfg, time.perf_counter()
-    trajs: list[Trajectory] = []
-    for q in (range(r + 1) if cfg.accumulate else [r]):
-        q_dir = cfg.run_dir / f"round-{q}"
-        meta = read_marker(q_dir, "collect")
-        if meta is None:  # rounds run in order, so only a hand-deleted marker gets here
-            raise RuntimeError(f"{q_dir}: collection has not finished")
-        trajs += [t for t in Store(q_dir / "collect") if t.config_hash == meta["config_hash"]]
-    rm: dict[str, Any] = {}
-    if cfg.rm_filter:
-        from tirforge.training.rm import RewardScorer
-
-        good = [t for t in trajs if t.verdict == "correct"]
-        if good:
-            s.log(f"scoring {len(good)} correct trajectories with {cfg.rm_filter}")
-            scorer = RewardScorer(cfg.rm_filter)
-            for t, score in zip(good, scorer.score(good), strict=True):
-                t.score = score
-            del scorer
-            gc.collect()
-            scores = [t.score for t in good if t.score is not None]
-            rm = {"rm_mean": sum(scores) / len(scores), "rm_min": min(scores),
-                  "rm_max": max(scores)}
-    kept, rep = select_distinct(trajs, SelectConfig(
-        max_per_problem=cfg.max_per_problem, dedup=cfg.dedup,
-        min_score=cfg.rm_threshold if cfg.rm_filter else None))
-    write_atomic(rd / "train.jsonl", "".join(t.model_dump_json() + "\n" for t in kept))
-    distinct = rep.correct - rep.below_score - rep.duplicates
-    per_problem = Counter(t.problem_id or t.problem for t in kept)
-    pids = {t.problem_id or t.problem for t in trajs}
-    return finish_stage(rd, "select", {
-        **asdict(rep), "distinct": distinct, **rm,
-        # correct trajectories -> distinct paths: low means the model repeats itself
-        "dedup_ratio": distinct / rep.correct if rep.correct else None,
-        "kept_per_problem": histogram([per_problem[p] for p in pids]),
-        "seconds": round(time.perf_counter() - t0, 1),
     })
 
 
@@ -410,26 +322,57 @@ def _round_stages(s: Session, r: int) -> list[tuple[str, Callable[[], dict]]]:
     model = model_path(cfg, label)
     stages: list[tuple[str, Callable[[], dict]]] = [
         ("eval", partial(stage_eval, s, r, rd, label, model))]
-    if r == cfg.rounds:
+    last = r == cfg.rounds
+    if cfg.infer.n > 0:  # the last round has no RM of its own: the newest one scores it
+        stages.append(("sample", partial(stage_sample, s, r, rd, label, model,
+                                         final_rm(cfg) if last else None)))
+    if last:
         return stages  # the last model is evaluated, not trained further
     if cfg.evolve:
         stages.append(("evolve", partial(stage_evolve, s, r, rd, label, model)))
 
-    def train() -> dict:
-        init = label if cfg.sft_init == "current" else cfg.model
-        return stage_train(s, r, rd, label, model_path(cfg, init, resolve=True, log=s.log))
+    def resolved(init: str) -> str:
+        return model_path(cfg, init, resolve=True, log=s.log)
 
-    return stages + [("collect", partial(stage_collect, s, r, rd, label, model)),
-                     ("select", partial(stage_select, s, r, rd)), ("train", train)]
+    def train() -> dict:
+        return stage_train(s, r, rd, label, resolved(label if cfg.sft_init == "current"
+                                                      else cfg.model))
+
+    stages.append(("collect", partial(stage_collect, s, r, rd, label, model)))
+    if cfg.rm.enabled:
+        stages.append(("rm", lambda: stage_rm(s, r, rd, resolved(label))))
+    return stages + [("select", partial(stage_select, s, r, rd)), ("train", train)]
+
+
+def _rl_stages(s: Session, rl_backend: Any) -> list[tuple[str, Callable[[], dict]]]:
+    """The RL stage's steps (``rl/``): filter, GRPO, then the RL model's evals."""
+    cfg, rd = s.cfg, s.cfg.run_dir / "rl"
+    final = model_of_round(cfg, cfg.rounds)
+    stages: list[tuple[str, Callable[[], dict]]] = [
+        ("filter", partial(stage_filter, s, rd, final, model_path(cfg, final))),
+        ("train", lambda: stage_rl_train(s, rd, final, model_path(
+            cfg, final, resolve=True, log=s.log), rl_backend))]
+    if (read_marker(rd, "train") or {}).get("skipped"):
+        return stages  # no RL model: model_R was evaluated in round R
+    label = rl_model(cfg) or "rl/model"  # known once train finished (before its evals run)
+    evals: list[tuple[str, Callable[[], dict]]] = [("eval", lambda: stage_eval(
+        s, "rl", rd, label, model_path(cfg, label)))]
+    if cfg.infer.n > 0:
+        evals.append(("sample", lambda: stage_sample(s, "rl", rd, label, model_path(cfg, label),
+                                                    final_rm(cfg))))
+    return stages + evals
 
 
 def run_loop(cfg: LoopConfig, backend_factory: BackendFactory | None = None, *,
-             log: Callable[[str], None] = print, progress: Progress | None = None) -> list[dict]:
-    """Run (or resume) every round; return the metrics rows (also in ``metrics.jsonl``).
+             log: Callable[[str], None] = print, progress: Progress | None = None,
+             rl_backend: Callable[[Any, Any], Any] | None = None) -> list[dict]:
+    """Run (or resume) every round, then the RL stage (``rl.enabled``); return the metrics rows
+    (also in ``metrics.jsonl``).
 
     ``backend_factory(model) -> backend`` replaces ``agent.backends.make_backend`` (tests pass a
     replay backend); it is called at most once per round with collection work left, with the
-    base model's name or a round's model folder.
+    base model's name or a round's model folder. ``rl_backend(model, tokenizer) -> backend``
+    replaces the GRPO rollouts' live-policy backend.
     """
     cfg.validate()
     if not cfg.allow_network:
@@ -437,20 +380,31 @@ def run_loop(cfg: LoopConfig, backend_factory: BackendFactory | None = None, *,
     s = Session(cfg, backend_factory, log, progress)  # loads and checks the splits first
     check_run_config(cfg)
     log(f"{cfg.run_dir}: {len(s.train)} train problems ({cfg.train_dataset}), "
-        f"{len(s.held_out)} eval problems ({cfg.eval_dataset}), {cfg.rounds} rounds")
+        f"{len(s.held_out)} eval problems ({cfg.eval_dataset}), {cfg.rounds} rounds"
+        + (" + RL" if cfg.rl.enabled else ""))
     try:
         for r in range(cfg.rounds + 1):
-            for stage, run in _round_stages(s, r):
-                if read_marker(cfg.run_dir / f"round-{r}", stage) is not None:
-                    log(f"round {r} {stage}: done, skipped")
-                    continue
-                log(f"round {r} {stage}")
-                metrics = run()
-                log(f"round {r} {stage}: {_brief(stage, metrics)}")
-                write_reports(cfg)
+            _run_stages(s, f"round {r}", cfg.run_dir / f"round-{r}", _round_stages(s, r))
+        if cfg.rl.enabled:
+            # Built in two passes: the evals need the label the train stage records.
+            for part in (slice(0, 2), slice(2, None)):
+                _run_stages(s, "rl", cfg.run_dir / "rl", _rl_stages(s, rl_backend)[part])
     finally:
         s.close()
     return write_reports(cfg)
+
+
+def _run_stages(s: Session, what: str, rd: Path,
+                stages: list[tuple[str, Callable[[], dict]]]) -> None:
+    """Run the stages without a marker in ``rd``, rewriting the reports after each."""
+    for stage, run in stages:
+        if read_marker(rd, stage) is not None:
+            s.log(f"{what} {stage}: done, skipped")
+            continue
+        s.log(f"{what} {stage}")
+        metrics = run()
+        s.log(f"{what} {stage}: {_brief(stage, metrics)}")
+        write_reports(s.cfg)
 
 
 def _brief(stage: str, m: dict) -> str:
@@ -461,5 +415,12 @@ def _brief(stage: str, m: dict) -> str:
     if stage == "select":
         return f"{m['correct']} correct -> {m['distinct']} distinct -> {m['kept']} kept"
     if stage == "train":
-        return m.get("reason") or f"{m['examples']} examples -> {m['model']}"
+        return m.get("reason") or (f"{m['examples']} examples -> {m['model']}" if "examples"
+                                   in m else f"{m['steps']} GRPO log rows -> {m['model']}")
+    if stage == "sample":
+        return ", ".join(f"{k} {m[k]:.1%}" for k in m if "@" in k) or "no complete groups"
+    if stage == "rm":
+        return m.get("reason") or f"{m['model']}, held-out AUC {m['auc_held_out']}"
+    if stage == "filter":
+        return f"{m['kept']} of {m['problems']} problems in range {m['range']}"
     return f"{m.get('new', 0)} new problems, {m.get('accepted', 0)} accepted"

@@ -20,6 +20,7 @@ from typing import Any
 
 from tirforge.agent.backends.base import SamplingParams
 from tirforge.agent.graph import AgentConfig
+from tirforge.agent.pipelines.loop_sections import InferSection, RLSection, RMSection
 from tirforge.executors.config import ExecutorConfig
 from tirforge.training.config import build, flatten, load_yaml, to_plain
 from tirforge.training.sft import SFTTrainConfig
@@ -130,6 +131,15 @@ class LoopConfig:
     sft_accelerate_config: str | None = None
     """``accelerate launch --config_file`` for multi-GPU SFT (configs/accelerate/*.yaml)."""
 
+    infer: InferSection = field(default_factory=InferSection)
+    """RM-guided inference each round: N samples per held-out problem, maj@N, RM@N
+    (``loop_sections.InferSection``)."""
+    rm: RMSection = field(default_factory=RMSection)
+    """The co-evolving reward model: RM_r trained each round, selecting the round's SFT data
+    (``loop_sections.RMSection``)."""
+    rl: RLSection = field(default_factory=RLSection)
+    """The final GRPO stage with the last RM (``loop_sections.RLSection``)."""
+
     eval_max_new_tokens: int | None = None
     """Tokens per turn in eval (None: ``agent.sampling.max_new_tokens``)."""
     eval_max_turns: int | None = None
@@ -163,9 +173,17 @@ class LoopConfig:
             problems.append(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
         if problems:
             raise ValueError("; ".join(problems))
-        set_by_loop = sorted(set(data.get("sft") or {}) & SET_BY_LOOP)
+
+        def sub(name: str, key: str) -> Any:
+            sec = data.get(name)
+            return sec.get(key) if isinstance(sec, dict) else None
+
+        sections = {"sft": data.get("sft"), "rm.train": sub("rm", "train"),
+                    "rl.grpo": sub("rl", "grpo")}
+        set_by_loop = sorted(f"{name}.{k}" for name, sec in sections.items()
+                             if isinstance(sec, dict) for k in set(sec) & SET_BY_LOOP)
         if set_by_loop:
-            raise ValueError(f"sft.{', sft.'.join(set_by_loop)}: set by the loop each round "
+            raise ValueError(f"{', '.join(set_by_loop)}: set by the loop each round "
                              "(model_r, the round's data and folder, seed + round); remove them")
         cfg = build(cls, data)
         cfg.validate()
@@ -184,6 +202,27 @@ class LoopConfig:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
             raise ValueError(f"name {self.name!r}: letters, digits, '.', '_', '-' only")
         self.agent.fmt  # noqa: B018 - raises for an unknown format
+        if self.infer.n < 0:
+            raise ValueError("infer.n must be >= 0")
+        if self.rm.init not in ("previous", "policy"):
+            raise ValueError(f"rm.init must be previous or policy, not {self.rm.init!r}")
+        if not 0.0 <= self.rm.held_out < 1.0:
+            raise ValueError("rm.held_out must be in [0, 1)")
+        if self.rm.enabled and self.rm_filter:
+            raise ValueError("rm.enabled trains a reward model each round; rm_filter is the "
+                             "fixed one: set one of them")
+        if self.rm.select_top_k is not None and self.rm.select_top_k < 1:
+            raise ValueError("rm.select_top_k must be >= 1 or null")
+        if self.rm.train.lora or self.rl.grpo.lora:
+            raise ValueError("rm.train.lora / rl.grpo.lora: the loop loads each trained folder "
+                             "as a plain model; train every weight")
+        rl = self.rl
+        if not 0 <= rl.min_correct <= rl.max_correct <= rl.samples:
+            raise ValueError(f"rl: need 0 <= min_correct <= max_correct <= samples, got "
+                             f"{rl.min_correct}, {rl.max_correct}, {rl.samples}")
+        if rl.grpo.per_device_train_batch_size % rl.grpo.num_generations:
+            raise ValueError("rl.grpo.per_device_train_batch_size must be a multiple of "
+                             "rl.grpo.num_generations")
 
     @property
     def run_dir(self) -> Path:
@@ -195,6 +234,18 @@ class LoopConfig:
                        sampling=SamplingParams(max_new_tokens=self.eval_max_new_tokens
                                                or self.agent.sampling.max_new_tokens,
                                                temperature=0.0))
+
+    def sample_agent(self) -> AgentConfig:
+        """The agent of RM-guided inference: the eval's budgets at ``infer`` sampling."""
+        greedy = self.eval_agent()
+        return replace(greedy, sampling=replace(greedy.sampling, temperature=self.infer.temperature,
+                                                top_p=self.infer.top_p))
+
+    def rl_agent(self) -> AgentConfig:
+        """The agent of RL rollouts: the collection's, at ``rl.grpo.temperature``, unseeded
+        (a fixed seed would repeat every step's draws)."""
+        return replace(self.agent, sampling=replace(
+            self.agent.sampling, temperature=self.rl.grpo.temperature, seed=None))
 
     def executor_config(self) -> ExecutorConfig:
         """``executor`` with one kernel per trajectory in flight."""
@@ -213,7 +264,8 @@ FLAT_KEYS = {
     "sft_extra": "sft.<field> (e.g. sft.warmup_steps)",
 }
 """Old flat key -> its place in the nested config."""
-SET_BY_LOOP = frozenset({"model", "train_file", "output_dir", "resume_from_checkpoint", "seed"})
+SET_BY_LOOP = frozenset({"model", "train_file", "output_dir", "resume_from_checkpoint", "seed",
+                         "rm_path"})
 
 
 def unknown_keys(cls: type, data: Any, where: str = "") -> list[str]:
@@ -262,7 +314,7 @@ def migrate_flat(data: dict[str, Any]) -> dict[str, Any]:
 RESUMABLE_FIELDS = frozenset({
     "rounds", "concurrency", "executor.backend", "executor.sandbox", "executor.pool_size",
     "executor.image", "executor.startup_timeout", "allow_network", "sft_subprocess",
-    "sft_accelerate_config", "out_dir",
+    "sft_accelerate_config", "out_dir", "rl.enabled",
 })
 
 

@@ -18,8 +18,10 @@ from tirforge.trajectories.schema import Trajectory
 if TYPE_CHECKING:
     from tirforge.agent.pipelines.loop_config import LoopConfig
 
-STAGES = ("eval", "evolve", "collect", "select", "train")
+STAGES = ("eval", "sample", "evolve", "collect", "rm", "select", "train")
 """A round's stages, in order (the last round only evaluates)."""
+RL_STAGES = ("filter", "train", "eval", "sample")
+"""The RL stage's steps (``<run>/rl/``), in order."""
 
 
 # --------------------------------------------------------------------------- markers
@@ -50,7 +52,9 @@ def collect_rows(cfg: LoopConfig) -> list[dict]:
         row.update({stage: m for stage in STAGES if (m := read_marker(rd, stage)) is not None})
         if len(row) > 1:
             rows.append(row)
-    return rows
+    rl: dict[str, Any] = {"round": "rl"}
+    rl.update({st: m for st in RL_STAGES if (m := read_marker(cfg.run_dir / "rl", st))})
+    return rows + ([rl] if len(rl) > 1 else [])
 
 
 def write_reports(cfg: LoopConfig) -> list[dict]:
@@ -59,7 +63,7 @@ def write_reports(cfg: LoopConfig) -> list[dict]:
     write_atomic(cfg.run_dir / "metrics.jsonl",
                  "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
     write_atomic(cfg.run_dir / "summary.md", render_summary(cfg, rows))
-    plot_progress(rows, cfg.run_dir / "progress.png")
+    plot_progress(rows, cfg.run_dir / "progress.png", cfg.infer.n)
     return rows
 
 
@@ -147,7 +151,8 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
         "| problems kept | SFT |",
         "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for row in rows:
+    rounds = [row for row in rows if row["round"] != "rl"]
+    for row in rounds:
         e, c, sel, tr = (row.get(x) for x in ("eval", "collect", "select", "train"))
         acc = f"{_pct(e['accuracy'])} ({_pct(e['ci_low'])}–{_pct(e['ci_high'])})" if e else "–"
         model = (e or {}).get("model") or (c or {}).get("model") or "?"
@@ -163,6 +168,7 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
             f"{(sel or {}).get('kept', '–')} | "
             f"{(sel or {}).get('problems_kept', '–')}/{(c or {}).get('problems', '–')} | {sft} |")
     evals = [(row["round"], row["eval"]) for row in rows if "eval" in row]
+    lines += coevolution_lines(cfg, rows)
     if len(evals) > 1:
         (r0, first), (rn, last) = evals[0], evals[-1]
         delta = 100 * (last["accuracy"] - first["accuracy"])
@@ -171,7 +177,7 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
                   + (" (the CIs overlap: not a clear change)." if overlap else
                      " (the CIs do not overlap).")]
     lines += ["", "## What each round's data looked like", ""]
-    for row in rows:
+    for row in rounds:
         lines.append(f"### Round {row['round']}")
         if e := row.get("eval"):
             lines.append(f"- eval outcomes: {_counts(e['outcomes'])}; stop reasons: "
@@ -204,6 +210,19 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
                 f"{sel['problems_kept']} of {sel['problems']} problems")
             lines.append("- kept paths per problem (count: problems): "
                          + _counts(sel["kept_per_problem"]))
+            if v := sel.get("vs_rft"):
+                lines.append(
+                    f"- RM-guided selection (`{sel['rm']}`, top {sel['top_k']}, floor "
+                    f"{sel['min_score']}): {v['rm_kept']} kept vs {v['rft_kept']} by RFT alone; "
+                    f"{v['both']} in both, {v['added']} added, {v['dropped']} dropped, "
+                    f"{v['problems_changed']} problems changed")
+        if rm := row.get("rm"):
+            lines.append(f"- RM: {rm['reason']}" if rm["skipped"] else
+                         f"- RM: `{rm['model']}` ({rm['loss']}, warm-started from "
+                         f"{'the previous RM' if rm['init'] == 'previous' else 'the policy'}) on "
+                         f"{rm['problems']} held-in problems with both verdicts; AUC held-out "
+                         f"{_num(rm['auc_held_out'])}, held-in {_num(rm['auc_held_in'])}"
+                         + ("" if rm["reused"] else f" ({rm['seconds']:.0f} s)"))
         if tr := row.get("train"):
             lines.append(f"- SFT: {tr['reason']}" if tr["skipped"] else
                          f"- SFT: {tr['examples']} examples from the {tr['init']} model → "
@@ -213,25 +232,88 @@ def render_summary(cfg: LoopConfig, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_progress(rows: list[dict], path: Path) -> None:
-    """Accuracy with CI error bars and selected-data size, per round (Agg: no display)."""
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _rm_at(row: dict, n: int) -> tuple[float | None, str | None]:
+    """RM@N of a row and the RM that picked: the round's own RM, else the sample stage's."""
+    for st in ("rm", "sample"):
+        m = row.get(st) or {}
+        if f"rm@{n}" in m:
+            return m[f"rm@{n}"], m.get("rm") if st == "sample" else m.get("model")
+    return None, None
+
+
+def coevolution_lines(cfg: LoopConfig, rows: list[dict]) -> list[str]:
+    """The report-style table (greedy, maj@N, RM@N per round and for the RL model, RM AUC,
+    data kept) and the RL stage's lines; nothing when no co-evolution section is on."""
+    n = cfg.infer.n
+    if not (n or cfg.rm.enabled or cfg.rl.enabled):
+        return []
+    lines = ["", "## Policy and reward model, per round", "",
+             f"| round | policy | greedy % | maj@{n} % | RM@{n} % | RM (AUC held-out) "
+             "| kept (RFT alone) |", "|---|---|---:|---:|---:|---|---:|"]
+    for row in rows:
+        if row["round"] == "rl" and "eval" not in row:
+            continue  # RL skipped (or not evaluated yet): no RL model to show
+        e, smp, rm, sel = (row.get(x) or {} for x in ("eval", "sample", "rm", "select"))
+        rm_at, picker = _rm_at(row, n)
+        own = f"`{rm['model']}` ({_num(rm.get('auc_held_out'))})" if rm.get("model") else "–"
+        kept = "–" if not sel else f"{sel['kept']}" + (
+            f" ({sel['vs_rft']['rft_kept']})" if "vs_rft" in sel else "")
+        lines.append(
+            f"| {row['round']} | `{e.get('model', '?')}` | {_pct(e.get('accuracy'))} | "
+            f"{_pct(smp.get(f'maj@{n}'))} | {_pct(rm_at)}"
+            + (f" (`{picker}`)" if picker and not rm.get("model") else "")
+            + f" | {own} | {kept} |")
+    rl = next((row for row in rows if row["round"] == "rl"), {})
+    if f := rl.get("filter"):
+        lines += ["", f"RL: {f['kept']} of {f['problems']} training problems had "
+                  f"{f['range'][0]}-{f['range'][1]} of {cfg.rl.samples} samples correct "
+                  f"(`{f['model']}`; correct per problem: {_counts(f['correct_per_problem'])})."]
+    if tr := rl.get("train"):
+        curve = [p["reward"] for p in tr.get("rewards", [])]
+        lines.append(f"RL: {tr['reason']}" if tr["skipped"] else
+                     f"RL: GRPO from `{tr['init']}` on {tr['problems']} problems, reward "
+                     f"r = σ({tr['alpha']}·r_m) + (r_v − 1) with `{tr['rm']}`" if tr["rm"] else
+                     f"RL: GRPO from `{tr['init']}` on {tr['problems']} problems, r = r_v")
+        if curve:
+            lines.append(f"RL reward per logged step: {' → '.join(f'{x:.3f}' for x in curve)}")
+    return lines
+
+
+def plot_progress(rows: list[dict], path: Path, n: int = 0) -> None:
+    """Per round: accuracy (greedy with CI error bars, maj@N, RM@N; the RL model as the last
+    point), selected-data size with the RM's held-out AUC, and the RL reward curve (Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.6), dpi=100)
+    rl = next((row for row in rows if row["round"] == "rl"), {})
+    curve = (rl.get("train") or {}).get("rewards") or []
+    fig = Figure(figsize=(13.5 if curve else 9, 3.6), dpi=100)
     FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global backend state
-    ax_acc, ax_data = fig.subplots(1, 2)
-    ev = [(row["round"], row["eval"]) for row in rows if "eval" in row]
+    axes = fig.subplots(1, 3 if curve else 2)
+    ax_acc, ax_data = axes[0], axes[1]
+    ints = [row["round"] for row in rows if row["round"] != "rl"]
+    x_of = {r: r for r in ints} | {"rl": max(ints, default=0) + 1}
+    ev = [(x_of[row["round"]], row["eval"]) for row in rows if "eval" in row]
     if ev:
-        xs = [r for r, _ in ev]
+        xs = [x for x, _ in ev]
         ys = [100 * e["accuracy"] for _, e in ev]
         err = [[y - 100 * e["ci_low"] for y, (_, e) in zip(ys, ev, strict=True)],
                [100 * e["ci_high"] - y for y, (_, e) in zip(ys, ev, strict=True)]]
-        ax_acc.errorbar(xs, ys, yerr=err, marker="o", capsize=4)
-        ax_acc.set_xticks(xs)
+        ax_acc.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label="greedy")
+        for name, get in ((f"maj@{n}", lambda row: (row.get("sample") or {}).get(f"maj@{n}")),
+                          (f"RM@{n}", lambda row: _rm_at(row, n)[0])):
+            pts = [(x_of[row["round"]], 100 * v) for row in rows if (v := get(row)) is not None]
+            if n and pts:
+                ax_acc.plot(*zip(*pts, strict=True), marker="s", label=name)
+        ax_acc.set_xticks(xs, ["RL" if rl and x == x_of["rl"] else str(x) for x in xs])
+        ax_acc.legend(fontsize=8)
     ax_acc.set_xlabel("round (model r)")
     ax_acc.set_ylabel("held-out accuracy, % (95% CI)")
-    ax_acc.set_title("greedy eval")
+    ax_acc.set_title("policy")
     sel = [(row["round"], row["select"]) for row in rows if "select" in row]
     if sel:
         xs = [r for r, _ in sel]
@@ -239,12 +321,30 @@ def plot_progress(rows: list[dict], path: Path) -> None:
                     label="correct trajectories")
         ax_data.bar([x + 0.2 for x in xs], [m["kept"] for _, m in sel], width=0.4,
                     label="distinct kept (SFT data)")
+        rft = [(r, m["vs_rft"]["rft_kept"]) for r, m in sel if "vs_rft" in m]
+        if rft:  # what RFT alone would have kept, next to the RM-guided bar
+            ax_data.scatter([r + 0.2 for r, _ in rft], [k for _, k in rft], marker="_",
+                            s=400, color="black", label="kept by RFT alone", zorder=3)
         ax_data.set_xticks(xs)
         ax_data.set_xlim(min(xs) - 0.8, max(xs) + 0.8)  # one round: bars, not a filled axis
-        ax_data.legend(fontsize=8)
+        ax_data.legend(fontsize=8, loc="upper left")
+        aucs = [(row["round"], a) for row in rows
+                if (a := (row.get("rm") or {}).get("auc_held_out")) is not None]
+        if aucs:
+            twin = ax_data.twinx()
+            twin.plot(*zip(*aucs, strict=True), color="black", marker="^", label="RM AUC")
+            twin.set_ylim(0, 1.05)
+            twin.set_ylabel("RM AUC (held-out)")
+            twin.legend(fontsize=8, loc="upper right")
     ax_data.set_xlabel("round")
     ax_data.set_ylabel("trajectories")
-    ax_data.set_title("selected data")
+    ax_data.set_title("selected data, reward model")
+    if curve:
+        ax_rl = axes[2]
+        ax_rl.plot([p["step"] for p in curve], [p["reward"] for p in curve], marker=".")
+        ax_rl.set_xlabel("GRPO step")
+        ax_rl.set_ylabel("mean shaped reward")
+        ax_rl.set_title("RL")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")

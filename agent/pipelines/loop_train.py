@@ -54,7 +54,7 @@ def run_sft(cfg: LoopConfig, sft_cfg: Any, rd: Path, log: Any = print) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _finalize(init: str, trained: Path, dest: Path, *, lora: bool, dtype: str | None) -> None:
+def finalize(init: str, trained: Path, dest: Path, *, lora: bool, dtype: str | None) -> None:
     """Write the next round's plain model folder from an SFT output: merge a LoRA adapter into
     ``init`` and/or cast the weights (the trainer saves float32), atomically (tmp + rename)."""
     import torch
@@ -98,7 +98,7 @@ def stage_train(s: Session, r: int, rd: Path, model_label: str, init: str) -> di
         for ckpt in out.glob("checkpoint-*"):  # only needed to resume; ~3x the model each
             shutil.rmtree(ckpt, ignore_errors=True)
         if post:
-            _finalize(init, out, dest, lora=cfg.sft.lora, dtype=cfg.save_dtype)
+            finalize(init, out, dest, lora=cfg.sft.lora, dtype=cfg.save_dtype)
             if not cfg.sft.lora:
                 shutil.rmtree(out, ignore_errors=True)  # a float32 duplicate of the model
     return finish_stage(rd, "train", {
