@@ -258,3 +258,25 @@ def test_value_targets_module_layering():
     for name in ("value.py", "value_data.py", "value_rollouts.py"):
         text = (Path(__file__).parents[1] / "training" / name).read_text()
         assert "tirforge.agent" not in text, name
+
+
+def test_train_value_hands_the_mixed_targets_to_the_trainer(kernel, tmp_path, monkeypatch):
+    from tirforge.agent.pipelines.value_targets import train_value
+
+    good = logged(kernel, "p", [SET, RIGHT])
+    bad = logged(kernel, "p", [SET, WRONG])
+    data = tmp_path / "t.jsonl"
+    append_jsonl(data, [good, bad])
+    seen: list = []
+    monkeypatch.setattr("tirforge.training.value.train",
+                        lambda cfg, targets=None: seen.append(targets) or cfg.output_dir)
+    script = {"p:1#0": [SHOW, RIGHT], "p:1#1": [RIGHT], "p:1#2": [RIGHT], "p:1#3": [WRONG]}
+    for mix, want in (("pool", (3 + 1) / (4 + 2)), ("rollouts", 3 / 4)):
+        cfg = ValueTrainConfig(model="unused", train_file=str(data), rollouts=4,
+                               rollout_mix=mix, rollout_concurrency=1,
+                               output_dir=str(tmp_path / "out"))
+        train_value(cfg, backend=ReplayBackend(script))
+        assert seen[-1][good.id] == pytest.approx([want, 1.0])
+        assert seen[-1][bad.id] == pytest.approx([want, 0.0])
+    # The second run found the prefix in the cache (same K and settings): one record in all.
+    assert len(RolloutCache(tmp_path / "out" / "rollout_targets.jsonl").read()) == 1

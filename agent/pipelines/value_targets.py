@@ -223,8 +223,14 @@ async def arollout_prefixes(
                 try:
                     for _ in range(settings.k):
                         kids.append(await call(base.fork))
-                    outs = await asyncio.gather(
-                        *(continuation(p, j, kid) for j, kid in enumerate(kids)))
+                    # Every continuation ends before the forks close, even when one raised.
+                    got = await asyncio.gather(
+                        *(continuation(p, j, kid) for j, kid in enumerate(kids)),
+                        return_exceptions=True)
+                    for g in got:
+                        if isinstance(g, BaseException):
+                            raise g
+                    outs = list(got)
                 finally:
                     for kid in kids:
                         with contextlib.suppress(Exception):
