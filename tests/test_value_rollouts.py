@@ -54,14 +54,15 @@ def logged(kernel, pid: str, turns: list[str], reference: str | None = "42") -> 
     return t.model_copy(update={"problem_id": pid})
 
 
-def run(trajs, script, cache, k=3, fork=False, **kw):
+def run(trajs, script, cache, k=3, fork=False, settings_turns=3, **kw):
     """Rollout targets with a replay policy on a pool of real kernels; also the continuations."""
     factory = (lambda c: Forking(make_executor(c))) if fork else make_executor
     seen: dict[tuple[int, int], Trajectory] = {}
     backend = ReplayBackend(script)
     with KernelPool(EXEC, size=2, spare=0, factory=factory) as pool:
         records, rep = rollout_targets(
-            trajs, backend, pool, RolloutSettings(k=k, max_turns=3, concurrency=2), str(cache),
+            trajs, backend, pool,
+            RolloutSettings(k=k, max_turns=settings_turns, concurrency=2), str(cache),
             on_rollout=lambda p, j, t: seen.__setitem__((p.k, j), t), **kw)
     return records, rep, seen, backend
 
@@ -148,9 +149,13 @@ def test_resume_does_not_redo_finished_prefixes(kernel, tmp_path):
     a = logged(kernel, "a", [SET, RIGHT])
     b = logged(kernel, "b", [SET, WRONG])
     cache = tmp_path / "c.jsonl"
-    # First run: b's continuations have no script and fail (the run was cut short there).
-    _, rep, _, _ = run([a, b], {"a:1#0": [RIGHT], "a:1#1": [WRONG]}, cache, k=2)
-    assert rep.ran == 1 and len(rep.failed) == 1 and rep.failed[0].startswith("b:1:")
+    # A run whose model fails: every prefix is reported failed, nothing is cached.
+    _, rep, _, _ = run([a, b], {}, cache, k=2)
+    assert rep.ran == 0 and sorted(f[:4] for f in rep.failed) == ["a:1:", "b:1:"]
+    assert RolloutCache(cache).read() == {}
+    # A run killed after finishing a's prefix (modelled as a run over a alone)...
+    _, rep, _, _ = run([a], {"a:1#0": [RIGHT], "a:1#1": [WRONG]}, cache, k=2)
+    assert rep.ran == 1 and not rep.failed
     with cache.open("ab") as f:
         f.write(b'{"problem": "b", "pref')  # and a torn line from a kill -9 mid-write
     # Second run: only b is rolled out; a comes from the cache, untouched.
@@ -280,3 +285,56 @@ def test_train_value_hands_the_mixed_targets_to_the_trainer(kernel, tmp_path, mo
         assert seen[-1][bad.id] == pytest.approx([want, 0.0])
     # The second run found the prefix in the cache (same K and settings): one record in all.
     assert len(RolloutCache(tmp_path / "out" / "rollout_targets.jsonl").read()) == 1
+
+
+CHILD = """
+import sys, time
+from tirforge.agent.backends.replay import ReplayBackend
+from tirforge.agent.pipelines.value_targets import RolloutSettings, rollout_targets
+from tirforge.executors import ExecutorConfig
+from tirforge.executors.pool import KernelPool
+from tirforge.trajectories.schema import read_jsonl
+
+class Stuck(ReplayBackend):  # b's continuations hang: the run is killed while they do
+    def generate(self, requests, params):
+        if any(r.tag.startswith("b:") for r in requests):
+            time.sleep(600)
+        return super().generate(requests, params)
+
+data, cache = sys.argv[1:]
+pool = KernelPool(ExecutorConfig(backend="local", timeout=10), size=2, spare=0).start()
+pool.install_signal_handlers()
+rollout_targets(read_jsonl(data), Stuck({"a:1#0": ["So \\\\boxed{42}."]}), pool,
+                RolloutSettings(k=1, max_turns=2, concurrency=2), cache)
+"""
+
+
+def test_a_killed_run_resumes_from_its_cache(kernel, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    a = logged(kernel, "a", [SET, RIGHT])
+    b = logged(kernel, "b", [SET, WRONG])
+    data, cache = tmp_path / "t.jsonl", tmp_path / "c.jsonl"
+    append_jsonl(data, [a, b])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(cache)],
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (cache.exists() and cache.read_bytes().count(b"\n") >= 1):
+            assert child.poll() is None and time.monotonic() < deadline, "child ended early"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)  # mid-run: b's rollout is still going
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert [r.problem for r in RolloutCache(cache).read().values()] == ["a"]
+    records, rep, _, backend = run([a, b], {"b:1#0": [RIGHT]}, cache, k=1, settings_turns=2)
+    assert (rep.cached, rep.ran, rep.failed) == (1, 1, [])
+    assert {c.tag.split("#")[0] for c in backend.calls} == {"b:1"}  # a was not redone
+    assert {r.problem: r.correct for r in records.values()} == {"a": 1, "b": 1}
