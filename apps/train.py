@@ -165,6 +165,48 @@ def _grpo() -> Callable[..., None]:
                            "multi-turn agent trajectory; reward = verifier (+ RM shaping).")
 
 
+def _value() -> Callable[..., None]:
+    from tirforge.training import value as mod
+
+    def run(config, _extras, overrides):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        from tirforge.agent.models import ModelNotFoundError, resolve_model
+        from tirforge.agent.pipelines.value_targets import train_value
+
+        cfg = _config(mod.ValueTrainConfig, config, **overrides)
+        try:
+            if cfg.rollouts and cfg.rollout_model:
+                cfg.rollout_model = resolve_model(cfg.rollout_model, log=console.log)
+        except (ValueError, OSError, ModelNotFoundError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        bars = Progress("[bold]rollouts", BarColumn(), MofNCompleteColumn(), "prefixes",
+                        TimeRemainingColumn(), console=console, transient=True,
+                        disable=not cfg.rollouts)
+        task = bars.add_task("rollouts", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bars.update(task, completed=done, total=total)
+
+        with bars:
+            try:
+                _run(lambda c: train_value(c, progress=progress, log=console.log), cfg)
+            except typer.Exit:  # a RuntimeError too: _run has reported it
+                raise
+            except ModelNotFoundError as e:
+                console.print(f"[red]error:[/red] {e}")
+                raise typer.Exit(2) from None
+            except RuntimeError as e:  # some prefixes failed; the finished ones are cached
+                console.print(f"[red]error:[/red] {e}")
+                raise typer.Exit(1) from None
+
+    return trainer_command(mod.ValueTrainConfig, run, doc=(
+        "Step-level value model (MCRL-style): Monte-Carlo values of step prefixes (logged, or "
+        "from K fresh rollouts with --rollouts K), conservative and contrastive terms; guides "
+        "step search (--value)."))
+
+
 TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {
     "sft": _offline("sft", "SFTTrainConfig", "Supervised fine-tuning; executor outputs and the "
                     "prompt are masked out of the loss."),
@@ -173,9 +215,7 @@ TRAINERS: dict[str, Callable[[], Callable[..., None]]] = {
     "dpo": _offline("dpo", "DPOTrainConfig", "Offline DPO on correct / incorrect pairs, tool "
                     "outputs masked on both sides."),
     "grpo": _grpo,
-    "value": _offline("value", "ValueTrainConfig", "Step-level value model (MCRL-style): "
-                      "Monte-Carlo values of step prefixes, conservative and contrastive terms; "
-                      "guides step search (--value)."),
+    "value": _value,
 }
 """Trainer name -> a builder of its command (imports the trainer's module when called)."""
 

@@ -3,6 +3,7 @@ k steps, on a synthetic replay task whose right branch is known.
 
     .venv/bin/python bench/value_auc.py                      # tiny random Llama, CPU, ~3 min
     .venv/bin/python bench/value_auc.py --model smollm2 --steps 60
+    .venv/bin/python bench/value_auc.py --only-full --rollouts 4   # + targets from rollouts
 
 The task: "What is a * b?" solved in three fenced TIR steps. Step 1 picks a method (a product,
 right, or a sum, wrong, each in several phrasings) and runs it; step 2 prints the result again;
@@ -16,6 +17,12 @@ ablation and the outcome RM (listwise) on the same file, same model, steps and l
 Test: held-out problems; AUC (Mann-Whitney, ties halved) of each scorer's rating of the first k
 steps against the final verdict: the value model reads boundary k of the whole trajectory (the
 same tokens as the trajectory cut after k steps), the RM scores the trajectory cut after k steps.
+
+``--rollouts K``: also K fresh rollouts of the task's policy (``SyntheticPolicy``) from every
+distinct step prefix of the training set, on real local kernels restored by replay
+(``agent.pipelines.value_targets``), and the full value model trained on those targets (mixed
+with the logged ones as ``pool``, and ``rollouts`` alone); reports the targets' mean absolute
+error against the true P(correct | prefix) and the rollout cost per prefix.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tirforge.agent.formats import get_format  # noqa: E402
+from tirforge.executors.result import ExecutionResult  # noqa: E402
 from tirforge.trajectories.schema import Step, Trajectory, append_jsonl  # noqa: E402
 
 RIGHT = ["Multiply the two numbers.", "Compute the product.", "Use multiplication here."]
@@ -48,9 +56,11 @@ def synthetic(problems: range, samples: int, p_right: float, slip: float, seed: 
             op = "*" if right else "+"
             code = f"x = {a} {op} {b}\nprint(x)"
             ans = x + (1 if rng.random() < slip else 0)
-            steps = [Step(text=f"{phr}\n```python\n{code}\n```", code=code, output=str(x)),
+            steps = [Step(text=f"{phr}\n```python\n{code}\n```", code=code, output=str(x),
+                          execution=ExecutionResult(stdout=f"{x}\n")),  # replayable
                      Step(text="Check it.\n```python\nprint('x =', x)\n```",
-                          code="print('x =', x)", output=f"x = {x}"),
+                          code="print('x =', x)", output=f"x = {x}",
+                          execution=ExecutionResult(stdout=f"x = {x}\n")),
                      Step(text=f"The answer is \\boxed{{{ans}}}.")]
             out.append(Trajectory(
                 problem=f"What is {a} * {b}?", problem_id=f"syn/{p}", reference=str(a * b),
@@ -179,6 +189,10 @@ def main() -> None:
     ap.add_argument("--search", type=int, default=0,
                     help="also compare step search / best-of-N on this many held-out problems")
     ap.add_argument("--m", type=int, default=4, help="search: continuations per step = N")
+    ap.add_argument("--rollouts", type=int, default=0,
+                    help="also train on targets from K fresh rollouts per prefix")
+    ap.add_argument("--max-prefixes", type=int, default=0,
+                    help="rollouts: distinct prefixes per problem at most (0: all)")
     args = ap.parse_args()
     runs = [one_seed(args, seed) for seed in range(args.seeds)]
     n = len(runs)
@@ -195,6 +209,19 @@ def main() -> None:
                                                   else ""))
         secs = sum(r[0][i][2] for r in runs) / n
         print(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    if args.rollouts:
+        print("\nTarget quality on the training set: mean absolute error of the value target "
+              "against the true P(correct | first k steps), k = 1, 2\n")
+        print("| targets | MAE k=1 | MAE k=2 |\n|---|---:|---:|")
+        for name in runs[0][4]["mae"]:
+            maes = [[r[4]["mae"][name][k] for r in runs] for k in range(2)]
+            print(f"| {name} | " + " | ".join(f"{sum(m) / n:.3f}" for m in maes) + " |")
+        for seed, r in enumerate(runs):
+            rep = r[4]["report"]
+            print(f"\nseed {seed}: {rep.ran} prefixes x K={args.rollouts} rolled out in "
+                  f"{rep.seconds:.1f} s = {rep.seconds_per_prefix:.3f} s/prefix "
+                  f"({rep.rollouts / rep.seconds:.1f} rollouts/s, {rep.replayed_cells} cells "
+                  f"replayed, {rep.forked} prefixes on forks, {len(rep.failed)} failed)")
     if args.search:
         print(f"\n{args.search} held-out problems, p_right {args.p_right}, slip {args.slip}; "
               f"oracle accuracy of one sample {100 * args.p_right * (1 - args.slip):.0f}%\n")
@@ -204,9 +231,48 @@ def main() -> None:
                 print(f"| {name} (seed {seed}) | {acc:.1f} | {turns:.1f} |")
 
 
-def one_seed(args, seed: int) -> tuple[list[tuple[str, list[float], float]], float, str, str]:
+def rollout_rows(args, common: dict, root: Path, train: list, test: list, labels: list,
+                 seed: int) -> tuple[list[tuple[str, list[float], float]], dict]:
+    """Rows of the full value model trained on rollout targets (mix pool, rollouts alone), and
+    {"mae": targets name -> MAE at k = 1, 2 against the true value, "report": RolloutReport}."""
+    from tirforge.agent.backends.base import SamplingParams
+    from tirforge.agent.pipelines.value_targets import RolloutSettings, rollout_targets
+    from tirforge.executors import ExecutorConfig
+    from tirforge.executors.pool import KernelPool
+    from tirforge.training.value import ValueScorer, ValueTrainConfig
+    from tirforge.training.value import train as train_value
+    from tirforge.training.value_data import mc_targets
+    from tirforge.training.value_rollouts import combine_targets
+
+    settings = RolloutSettings(k=args.rollouts, max_turns=3, concurrency=4, seed=seed,
+                               sampling=SamplingParams(temperature=0.7), policy="synthetic")
+    with KernelPool(ExecutorConfig(backend="local", timeout=10), size=4) as pool:
+        records, rep = rollout_targets(train, SyntheticPolicy(args.p_right, args.slip), pool,
+                                       settings, str(root / "rollouts.jsonl"),
+                                       max_prefixes_per_problem=args.max_prefixes,
+                                       selection_seed=seed)
+    truth = {t.id: 1.0 - args.slip if t.steps[0].text.split("\n")[0] in RIGHT else 0.0
+             for t in train}
+    targets = {"logged (shared prefixes)": mc_targets(train)}
+    rows = []
+    for mix in ("pool", "rollouts"):
+        targets[f"rollouts K={args.rollouts}, mix {mix}"] = tg = combine_targets(train, records,
+                                                                                mix)
+        t0 = time.perf_counter()
+        out = train_value(ValueTrainConfig(**common, output_dir=str(root / f"vr-{mix}")), tg)
+        vals = ValueScorer(out, max_length=512).step_values(test)
+        rows.append((f"value (all terms), rollout targets K={args.rollouts}, mix {mix}",
+                     [auc([v[k] for v in vals], labels) for k in range(3)],
+                     time.perf_counter() - t0 + rep.seconds))
+    mae = {name: [sum(abs(tg[t.id][k] - truth[t.id]) for t in train) / len(train)
+                  for k in range(2)] for name, tg in targets.items()}
+    return rows, {"mae": mae, "report": rep}
+
+
+def one_seed(args, seed: int) -> tuple[list[tuple[str, list[float], float]], float, str, str,
+                                       dict]:
     """(rows of (scorer, AUC at k = 1..3, seconds), share of correct test trajectories, the
-    full value model's folder, the RM's folder)."""
+    full value model's folder, the RM's folder, the rollout extras of ``rollout_rows``)."""
     from tirforge.agent.models import resolve_model
     from tirforge.training.rm import RewardScorer, RMTrainConfig
     from tirforge.training.rm import train as train_rm
@@ -242,6 +308,10 @@ def one_seed(args, seed: int) -> tuple[list[tuple[str, list[float], float]], flo
         vals = ValueScorer(out, max_length=512).step_values(test)
         rows.append((name, [auc([v[k] for v in vals], labels) for k in range(3)],
                      time.perf_counter() - t0))
+    extra: dict = {}
+    if args.rollouts:
+        more, extra = rollout_rows(args, common, root, train, test, labels, seed)
+        rows += more
     t0 = time.perf_counter()
     out = train_rm(RMTrainConfig(**common, output_dir=str(root / "rm"), loss="listwise"))
     rm = RewardScorer(out, max_length=512)
@@ -253,7 +323,7 @@ def one_seed(args, seed: int) -> tuple[list[tuple[str, list[float], float]], flo
     exact = [1.0 if t.verdict == "correct" else 0.0 for t in test]
     rows.append(("oracle P(correct | first k steps)", [auc(p_right, labels)] * 2
                  + [auc(exact, labels)], 0.0))
-    return rows, sum(labels) / len(labels), paths[0], out
+    return rows, sum(labels) / len(labels), paths[0], out, extra
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -73,6 +74,39 @@ class ValueTrainConfig(TrainConfig):
     """Contrastive (correct, incorrect) pairs per problem at most."""
     learning_rate: float = 1e-5
     """Peak learning rate."""
+    # -- targets from fresh rollouts (agent.pipelines.value_targets; off at rollouts=0) --------
+    rollouts: int = 0
+    """K: fresh rollouts of the policy from each step prefix, on a kernel restored to the
+    prefix's state; the target mixes their share correct with the logged one (rollout_mix).
+    0: targets from the logged trajectories only."""
+    max_prefixes_per_problem: int = 0
+    """Distinct step prefixes rolled out per problem at most, drawn at random (0: all)."""
+    rollout_mix: Literal["pool", "rollouts"] = "pool"
+    """``pool``: rollouts and logged trajectories sharing the prefix count as one sample set;
+    ``rollouts``: the fresh rollouts alone (``training.value_rollouts``)."""
+    rollout_model: str | None = None
+    """Policy that continues the prefixes: alias, folder or hub id (None: ``model``)."""
+    rollout_backend: str = "transformers"
+    """Agent backend of the rollout policy: transformers, vllm, openai."""
+    rollout_base_url: str | None = None
+    """Server URL for the openai backend."""
+    rollout_max_turns: int = 4
+    """Model turns each rollout may add after its prefix."""
+    rollout_max_new_tokens: int = 512
+    """Tokens per rollout turn at most."""
+    rollout_temperature: float = 0.7
+    """Sampling temperature of the rollouts (above 0, or the K rollouts are alike)."""
+    rollout_top_p: float = 0.95
+    """Nucleus sampling of the rollouts."""
+    rollout_concurrency: int = 4
+    """Prefixes rolled out at once (kernels leased; model calls are batched across them)."""
+    rollout_executor: Literal["local", "docker"] = "local"
+    """Sandbox of the rollouts' kernels."""
+    rollout_cell_timeout: float = 10.0
+    """Seconds a rollout's cell may run."""
+    rollout_cache: str | None = None
+    """JSONL of finished prefixes' rollout outcomes, read on resume (None:
+    ``output_dir``/rollout_targets.jsonl)."""
     _peft_task = "SEQ_CLS"
 
     def __post_init__(self) -> None:
@@ -82,18 +116,39 @@ class ValueTrainConfig(TrainConfig):
                 and self.contrastive_weight <= 0:
             raise ValueError("every value-model loss is off: set value_loss, "
                              "conservative_weight or contrastive_weight")
+        if self.rollouts < 0:
+            raise ValueError("rollouts must be >= 1 to roll out (0: logged targets only)")
+        if self.rollouts and (self.rollout_max_turns < 1 or self.rollout_concurrency < 1
+                              or self.max_prefixes_per_problem < 0):
+            raise ValueError("rollout_max_turns and rollout_concurrency must be >= 1, "
+                             "max_prefixes_per_problem >= 0")
+        if self.rollout_mix not in ("pool", "rollouts"):
+            raise ValueError(f"rollout_mix must be 'pool' or 'rollouts', not "
+                             f"{self.rollout_mix!r}")
+
+    @property
+    def rollout_cache_path(self) -> str:
+        """Where the rollout targets are cached (``rollout_cache`` or its default)."""
+        return self.rollout_cache or str(Path(self.output_dir) / "rollout_targets.jsonl")
 
 
 # -- examples --------------------------------------------------------------------------------------
 def problem_examples(
-    trajs: list[Trajectory], tokenizer, cfg: ValueTrainConfig, *, chat_template: str | None = None
+    trajs: list[Trajectory], tokenizer, cfg: ValueTrainConfig, *, chat_template: str | None = None,
+    targets: dict[str, list[float]] | None = None,
 ) -> list[dict]:
     """One example per problem: its trajectories' ids, boundaries and targets, then the
     unsupported rows, contrastive pairs and conservative pairs (each a (row, step, row, step)
     into the rows). Rows are the group's trajectories first, then one unsupported continuation
-    per trajectory (its last boundary is the one read)."""
+    per trajectory (its last boundary is the one read). ``targets``: trajectory id -> value
+    after each step (default: the logged Monte-Carlo ``mc_targets``; rollout targets come from
+    ``value_rollouts.combine_targets``); a trajectory without targets is left out."""
     rng = random.Random(cfg.seed)
-    targets = mc_targets(trajs)
+    targets = mc_targets(trajs) if targets is None else targets
+    for t in trajs:
+        if t.id in targets and len(targets[t.id]) != len(t.steps):
+            raise ValueError(f"trajectory {t.id}: {len(targets[t.id])} targets for "
+                             f"{len(t.steps)} steps")
     groups: dict[str, list[Trajectory]] = {}
     for t in trajs:
         if t.id in targets and t.steps:
@@ -248,7 +303,8 @@ def _trainer_cls():
     return ValueTrainer
 
 
-def make_trainer(cfg: ValueTrainConfig):
+def make_trainer(cfg: ValueTrainConfig, targets: dict[str, list[float]] | None = None):
+    """A value-model Trainer on ``cfg.train_file``; ``targets`` as ``problem_examples`` takes."""
     from transformers import TrainingArguments, set_seed
 
     tok = load_tokenizer(cfg)
@@ -260,7 +316,7 @@ def make_trainer(cfg: ValueTrainConfig):
 
         model = get_peft_model(model, peft)
     trajs = require_trajectories(load_records(cfg.train_file), "value-model training")
-    examples = problem_examples(trajs, tok, cfg)
+    examples = problem_examples(trajs, tok, cfg, targets=targets)
     log.info("value model: %d problems, %d boundaries, %d contrastive pairs, %d unsupported "
              "steps", len(examples), sum(len(r["bounds"]) for e in examples for r in e["rows"]),
              sum(len(e["pairs"]) for e in examples), sum(len(e["cons"]) for e in examples))
@@ -272,9 +328,12 @@ def make_trainer(cfg: ValueTrainConfig):
     return trainer
 
 
-def train(cfg: ValueTrainConfig) -> str:
-    """Train the value model; return the folder it was saved to."""
-    return train_and_save(make_trainer(cfg), cfg)
+def train(cfg: ValueTrainConfig, targets: dict[str, list[float]] | None = None) -> str:
+    """Train the value model; return the folder it was saved to. ``targets``: trajectory id ->
+    value after each step (None: logged Monte-Carlo targets). Rollout targets
+    (``cfg.rollouts``) are computed by ``agent.pipelines.value_targets.train_value``, which
+    calls this."""
+    return train_and_save(make_trainer(cfg, targets), cfg)
 
 
 # -- scoring ---------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ trajectory's own verdict.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections import defaultdict
@@ -113,10 +115,10 @@ def problem_key(t: Trajectory) -> str:
     return t.problem_id or t.problem
 
 
-def mc_targets(trajs: list[Trajectory]) -> dict[str, list[float]]:
-    """Trajectory id -> the Monte-Carlo value after each of its steps: the share of correct
-    verdicts among the graded trajectories of the same problem whose first k steps are exactly
-    its first k steps (itself included). Ungraded trajectories (``verdict`` None) are left out.
+def mc_counts(trajs: list[Trajectory]) -> dict[str, list[tuple[int, int]]]:
+    """Trajectory id -> (correct, total) after each of its steps: the graded trajectories of the
+    same problem whose first k steps are exactly its first k steps (itself included), and how
+    many of them finished correct. Ungraded trajectories (``verdict`` None) are left out.
     Raises ValueError for two trajectories with the same id."""
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     graded = [t for t in trajs if t.verdict is not None]
@@ -132,9 +134,24 @@ def mc_targets(trajs: list[Trajectory]) -> dict[str, list[float]]:
     out = {}
     for t in graded:
         keys = tuple(step_key(s) for s in t.steps)
-        out[t.id] = [counts[(problem_key(t), keys[:k])][0] / counts[(problem_key(t), keys[:k])][1]
-                     for k in range(1, len(keys) + 1)]
+        out[t.id] = [tuple(counts[(problem_key(t), keys[:k])]) for k in range(1, len(keys) + 1)]
     return out
+
+
+def mc_targets(trajs: list[Trajectory]) -> dict[str, list[float]]:
+    """Trajectory id -> the Monte-Carlo value after each of its steps: the share of correct
+    verdicts among the graded trajectories of the same problem whose first k steps are exactly
+    its first k steps (itself included; ``mc_counts``). Ungraded trajectories (``verdict``
+    None) are left out. Raises ValueError for two trajectories with the same id."""
+    return {i: [c / n for c, n in cs] for i, cs in mc_counts(trajs).items()}
+
+
+def prefix_hash(traj: Trajectory, k: int) -> str:
+    """Short stable hash of the state "problem + first ``k`` steps" of ``traj`` (the problem
+    key and each step's ``step_key``): two trajectories that share the state share the hash."""
+    blob = json.dumps([problem_key(traj), [step_key(s) for s in traj.steps[:k]]],
+                      separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def first_divergence(a: Trajectory, b: Trajectory) -> int | None:
