@@ -64,6 +64,25 @@ class RunnerConfig:
 _RUNS = itertools.count()  # makes trajectory tags unique across runs in one process
 
 
+def generate_isolating(backend: Backend, reqs: list[Request],
+                       params: SamplingParams) -> list[Completion | Exception]:
+    """``backend.generate`` of a batch, where a failing batch is split in halves until the
+    requests that fail are alone: one bad request (longer than the context, a script with no
+    turn left) fails only its own trajectory, not the others that happened to share its batch.
+    Costs at most ``2 * len(reqs) - 1`` calls, only when something fails. An error marked
+    ``batch_wide`` (a server that is down, retried by the backend already) is raised at once."""
+    try:
+        return list(backend.generate(reqs, params))
+    except Exception as e:
+        if len(reqs) == 1:
+            return [e]
+        if getattr(e, "batch_wide", False):
+            raise
+    mid = len(reqs) // 2
+    return (generate_isolating(backend, reqs[:mid], params)
+            + generate_isolating(backend, reqs[mid:], params))
+
+
 class MicroBatcher:
     """An asyncio queue in front of a backend that turns single requests into batches."""
 
@@ -121,15 +140,16 @@ class MicroBatcher:
                 reqs, params = [i[0] for i in items], items[0][1]
                 try:
                     outs = await loop.run_in_executor(
-                        self._threads, self.backend.generate, reqs, params
+                        self._threads, generate_isolating, self.backend, reqs, params
                     )
-                except Exception as e:  # every waiting trajectory gets the error
-                    for *_, fut in items:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
+                except Exception as e:  # backend-wide: every waiting trajectory gets it
+                    outs = [e] * len(items)
                 for (*_, fut), out in zip(items, outs, strict=True):
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(out, BaseException):
+                        fut.set_exception(out)
+                    else:
                         fut.set_result(out)
         finally:
             self._slots.release()

@@ -94,3 +94,34 @@ def test_formats_share_the_one_async_graph(pool):
     backend = ReplayBackend({p["problem"]: script(i) for i, p in enumerate(probs)})
     trajs = run_many(probs, backend, pool, AgentConfig(format="qwen-tir"))
     assert [t.verdict for t in trajs] == ["correct"] * 2 and len(trajs[0].steps) == 2
+
+
+def test_one_bad_request_fails_only_its_own_trajectory():
+    """A request the backend rejects (here: a problem with no script) shares a batch with three
+    good ones; the batch is split until the bad one is alone, the others finish."""
+    probs = problems(4)
+    backend = ReplayBackend({p["problem"]: [f"\\boxed{{{i * i}}}"]
+                             for i, p in enumerate(probs) if i != 2})
+    results: dict[str, object] = {}
+    run_many(probs, backend, None, AgentConfig(format="qwen-cot"), RunnerConfig(max_wait_ms=500),
+             on_result=lambda p, k, r: results.__setitem__(p["id"], r))
+    assert backend.batch_sizes[0] == 4  # they did go out together
+    assert isinstance(results["t/2"], ReplayExhausted)
+    assert [results[f"t/{i}"].verdict for i in (0, 1, 3)] == ["correct"] * 3
+
+
+def test_a_batch_wide_error_is_not_retried_request_by_request():
+    class Down(RuntimeError):
+        batch_wide = True
+
+    class DownBackend(ReplayBackend):
+        def generate(self, requests, params):
+            self.batch_sizes.append(len(requests))
+            raise Down("server down")
+
+    backend = DownBackend({})
+    results: list[object] = []
+    run_many(problems(4), backend, None, AgentConfig(format="qwen-cot"),
+             RunnerConfig(max_wait_ms=500), on_result=lambda p, k, r: results.append(r))
+    assert backend.batch_sizes == [4]
+    assert len(results) == 4 and all(isinstance(r, Down) for r in results)

@@ -35,6 +35,8 @@ _TRANSIENT = (
 class ServerUnavailable(RuntimeError):
     """The server could not be reached (or kept failing) after every retry."""
 
+    batch_wide = True  # the runner does not retry a batch's requests one by one for this
+
 
 class OpenAIBackend:
     """Continue partial chats on any OpenAI-compatible server."""

@@ -39,10 +39,15 @@ class ReplayBackend:
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         out = []
         self.batch_sizes.append(len(requests))
-        for req in requests:
-            turns = self._script(req)
-            if not turns:
+        # All or nothing, as a real engine: a batch that fails consumes no turn, so its good
+        # requests can be sent again (the runner splits a failing batch).
+        scripts = [self._script(req) for req in requests]
+        need: dict[int, int] = {}
+        for turns in scripts:
+            need[id(turns)] = need.get(id(turns), 0) + 1
+            if need[id(turns)] > len(turns):
                 raise ReplayExhausted(f"script exhausted after {len(self.calls)} turns")
+        for req, turns in zip(requests, scripts, strict=True):
             self.calls.append(req)
             text = turns.pop(0)
             reason = "stop" if req.stop is not None and req.stop(text) else "eos"
