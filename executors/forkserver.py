@@ -13,12 +13,27 @@ Protocol: the host connects once to the unix socket ``cfg["ctl"]`` (the listener
 after that one connection, so no cell can connect later) and sends one JSON object per line;
 each gets one JSON reply line:
 
-- ``{"op": "spawn", "conn": path, "wipe": bool}``: kill everything of the previous kernel
-  (and, if ``wipe``, empty the ``cfg["wipe"]`` dirs), then fork a kernel reading its
-  connection file at ``path``. Reply ``{"pid": n}``.
-- ``{"op": "status"}``: ``{"alive": bool, "signal": n|null, "code": n|null, "oom_kills": n|null}``
-  (how the kernel ended, and the OOM-kill counter of the cgroup if this process can read it).
+- ``{"op": "spawn", "slot": n, "conn": path, "wipe": bool, "workdir": dir}``: kill everything
+  in the sandbox (and, if ``wipe``, empty the ``cfg["wipe"]`` dirs and ``cfg["forks"]``), then
+  fork a kernel for ``slot`` (0: the sandbox's own kernel) working in ``workdir`` and reading
+  its connection file at ``path``. Reply ``{"pid": n}``. The host spawns only when no other
+  slot of the sandbox is in use.
+- ``{"op": "adopt", "slot": n, "pid": p, "workdir": dir}``: ``p`` is a fork of a live kernel
+  (``_tirforge_fork.fork`` below; it is this process's child once its middle process exited):
+  serve it as ``slot``. ``{"pid": p}``.
+- ``{"op": "kill", "slot": n}``: kill that slot's kernel with its process tree and every
+  process no slot owns (daemons reparented here), and empty its work dir. ``{"killed": n}``.
+- ``{"op": "status", "slot": n}``: ``{"alive": bool, "signal": n|null, "code": n|null,
+  "oom_kills": n|null}`` (how the slot's kernel ended, and the OOM-kill counter of the cgroup if
+  this process can read it).
 - ``{"op": "clean"}``: kill every descendant and wipe ``cfg["wipe"]`` dirs. ``{"killed": n}``.
+
+Forks: every kernel registers a module ``_tirforge_fork`` whose ``fork(conn, src, dst)``, run by
+the host as a silent cell, copies the work dir ``src`` to ``dst``, then ``os.fork()``s twice (the
+middle process exits, so the fork is reparented to this subreaper and outlives its parent); the
+fork drops the parent's kernel server without touching it (no ZMQ object of the parent is used
+after the fork), builds a new one on the connection file ``conn`` around the *same* IPython
+shell (namespace, modules, execution count), and serves it on a new asyncio loop.
 
 Killing "everything": this process is a child subreaper (PR_SET_CHILD_SUBREAPER), so
 double-forked daemons reparent to it rather than escaping to init; it kills every descendant
@@ -47,7 +62,8 @@ _WARM_MODULES = (
 )
 
 
-def _descendants(pid):
+def _descendants(pid, stop=()):
+    """Every process below ``pid``, not entering the subtrees of the pids in ``stop``."""
     found = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -60,7 +76,8 @@ def _descendants(pid):
         except OSError:
             kids = []
         for kid in kids:
-            found += [kid, *_descendants(kid)]
+            if kid not in stop:
+                found += [kid, *_descendants(kid, stop)]
     return found
 
 
@@ -101,8 +118,9 @@ def _wipe(path, keep):
 class Server:
     def __init__(self, cfg, libc):
         self.cfg, self.libc = cfg, libc
-        self.kernel = None  # pid of the current kernel
-        self.ended = None  # its wait status once reaped
+        self.kernels = {}  # slot -> pid of its kernel
+        self.workdirs = {}  # slot -> its work dir
+        self.ended = {}  # pid -> wait status, once reaped (any child of this process)
 
     def reap(self):
         while True:
@@ -112,8 +130,10 @@ class Server:
                 return
             if pid == 0:
                 return
-            if pid == self.kernel:
-                self.ended = st
+            if len(self.ended) > 256:  # statuses of long-gone processes
+                for old in [p for p in self.ended if p not in self.kernels.values()][:128]:
+                    del self.ended[old]
+            self.ended[pid] = st
 
     def clean(self, wipe=True):
         killed = 0
@@ -134,16 +154,47 @@ class Server:
                 break
             killed += len(pids)
             time.sleep(0.002)
-        self.kernel = None
+        self.kernels.clear()
         keep = [os.path.dirname(self.cfg["ctl"]), *self.cfg.get("wipe", [])]
-        for path in self.cfg.get("wipe", []) if wipe else []:
-            _wipe(path, keep)
+        dirs = [*self.cfg.get("wipe", []), self.cfg.get("forks")] if wipe else []
+        for path in dirs:
+            if path:
+                _wipe(path, keep)
         return {"killed": killed}
 
-    def status(self):
+    def kill(self, slot):
+        """Kill one slot's kernel tree and every process no slot owns; others live on."""
+        pid = self.kernels.pop(slot, None)
+        owned = set(self.kernels.values())
+        killed = 0
+        for _ in range(200):
+            roots = [pid] if pid is not None else []
+            roots += [c for c in _children(os.getpid()) if c not in owned and c != pid]
+            pids = [p for r in roots for p in (r, *_descendants(r, owned))]
+            pids = [p for p in pids if p not in owned and p not in self.ended]
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.reap()
+            if not pids:
+                break
+            killed += len(pids)
+            time.sleep(0.002)
+        workdir = self.workdirs.pop(slot, None)
+        if workdir:
+            keep = [os.path.dirname(self.cfg["ctl"]), self.cfg.get("forks") or ""]
+            _wipe(workdir, keep)
+            if slot != 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return {"killed": killed}
+
+    def status(self, slot=0):
         self.reap()
-        st = self.ended
-        alive = self.kernel is not None and st is None
+        pid = self.kernels.get(slot)
+        st = self.ended.get(pid) if pid is not None else None
+        alive = pid is not None and st is None
         return {
             "alive": alive,
             "signal": os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else None,
@@ -151,22 +202,38 @@ class Server:
             "oom_kills": _oom_kills(),
         }
 
-    def spawn(self, conn_file, wipe, ctl_fds):
+    def spawn(self, conn_file, wipe, ctl_fds, slot=0, workdir=None):
         self.clean(wipe)
-        self.ended = None
+        workdir = workdir or self.cfg["workdir"]
+        os.makedirs(workdir, exist_ok=True)
         pid = os.fork()
         if pid == 0:
             try:
                 for fd in ctl_fds:
                     os.close(fd)
-                _become_kernel(self.cfg, conn_file, self.libc)
+                _become_kernel(self.cfg, conn_file, self.libc, workdir)
             finally:
                 os._exit(70)
-        self.kernel = pid
+        self.kernels[slot], self.workdirs[slot] = pid, workdir
+        return {"pid": pid}
+
+    def adopt(self, slot, pid, workdir):
+        self.reap()
+        if pid not in _descendants(os.getpid()) and pid not in self.ended:
+            raise RuntimeError(f"process {pid} is not a kernel of this sandbox")
+        self.kernels[slot], self.workdirs[slot] = pid, workdir
         return {"pid": pid}
 
 
-def _become_kernel(cfg, conn_file, libc):
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+
+
+def _become_kernel(cfg, conn_file, libc, workdir):
     os.setsid()  # own process group: a cell's killpg(0) does not reach the server
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
@@ -179,12 +246,124 @@ def _become_kernel(cfg, conn_file, libc):
     except OSError:
         pass
     gc.unfreeze()
-    os.chdir(cfg["workdir"])
+    os.chdir(workdir)
+    os.environ["HOME"] = workdir
     from ipykernel.kernelapp import IPKernelApp
 
     app = IPKernelApp.instance()
     app.initialize(["-f", conn_file, *cfg["kernel_args"]])
     _cap_output(app, cfg["max_output_chars"])
+    _FORK.update(cfg=cfg, app=app, caps=_cap_streams(app, cfg["max_output_chars"]))
+    _register_fork()
+    app.start()
+
+
+# -- forking a live kernel -------------------------------------------------------------------
+_FORK = {"keep": []}  # the kernel's app, its stream caps, and (in a fork) its parents' apps
+
+
+def _register_fork():
+    import types
+
+    mod = types.ModuleType("_tirforge_fork")
+    mod.fork, mod.pid = _fork_kernel, None
+    sys.modules["_tirforge_fork"] = mod
+
+
+def _fork_kernel(conn_file, src, dst):
+    """Run in the kernel (a silent cell): copy ``src`` to ``dst``, fork twice, record the
+    fork's pid in ``_tirforge_fork.pid``. The fork serves ``conn_file``; this kernel goes on.
+
+    Nothing needs flushing first: the kernel flushed its streams when the last cell ended, and
+    the fork never flushes the streams it inherits."""
+    if os.path.realpath(src) != os.path.realpath(dst):
+        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+    cwd = os.getcwd()
+    rel = os.path.relpath(cwd, src)
+    cwd = dst if rel == "." else os.path.join(dst, rel) if not rel.startswith("..") else cwd
+    for pid in _FORK.pop("middle", []):  # middle processes of earlier forks
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            grandchild = os.fork()
+            if grandchild:
+                os.write(w, str(grandchild).encode())
+                os.close(w)
+                os._exit(0)
+            os.close(w)
+            _serve_fork(conn_file, dst, cwd)
+        finally:
+            os._exit(70)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):  # EOF once the middle process wrote and exited
+        data += chunk
+    os.close(r)
+    try:  # reaped now if it has already gone, else at the next fork
+        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+            _FORK.setdefault("middle", []).append(pid)
+    except ChildProcessError:
+        pass
+    if not data:
+        raise RuntimeError("the fork did not start")
+    sys.modules["_tirforge_fork"].pid = int(data)
+
+
+def _serve_fork(conn_file, workdir, cwd):
+    """In the fork: a new kernel server around the inherited shell, on a new event loop."""
+    import asyncio
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    os.setsid()
+    os.chdir(cwd)
+    os.environ["HOME"] = workdir
+    # fds 1 and 2 are the parent's capture pipes: what the fork writes there (its logger, C
+    # code) would show up in the parent's output. The fork's own streams capture them anew.
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    # Leave the parent's loop (we are inside one of its callbacks) without touching it: its
+    # selector's epoll set is shared with the parent.
+    asyncio.events._set_running_loop(None)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # not the parent's ZMQ streams
+    sys.displayhook = sys.__displayhook__
+    old = _FORK["app"]
+    shell = old.shell
+    for cap in _FORK["caps"]:
+        shell.events.unregister("pre_run_cell", cap.reset)
+        shell.events.unregister("post_run_cell", cap.flush_tail)
+    _FORK["keep"].append((old, old.kernel, _FORK["caps"]))  # never collected: no ZMQ close
+    IPKernelApp.clear_instance()
+    type(old.kernel).clear_instance()
+    # Only the transport is new: the steps of IPKernelApp.initialize that make sockets,
+    # streams and the kernel object. Config, profile, pdb, sys.path, extensions and startup
+    # code were set up by the first kernel and are part of the state a fork carries.
+    app = IPKernelApp.instance(config=old.config)
+    app.profile_dir = old.profile_dir
+    app.connection_file = conn_file
+    app.init_connection_file()
+    app.init_sockets()
+    app.init_heartbeat()
+    app.init_io()
+    app.init_signal()
+    app.init_kernel()
+    app.init_shell()
+    if app.kernel.shell is not shell:
+        raise RuntimeError("ipykernel made a new shell for the fork")
+    shell.kernel = app.kernel
+    # The parent's cell never ends here, so its display trap stays set: results go through
+    # the shell's hook (as in any cell), not the app's.
+    sys.displayhook = shell.displayhook
+    _FORK.update(app=app, caps=_cap_streams(app, _FORK["cfg"]["max_output_chars"]))
     app.start()
 
 
@@ -231,14 +410,24 @@ def _cap_text(data, cap):
     return data
 
 
-def _cap_output(app, cap):
+def _cap_streams(app, cap):
+    """Cap the kernel's stdout / stderr streams per cell; returns the caps (a fork replaces
+    them with caps on its own streams)."""
     shell = app.shell
+    caps = []
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         capped = _StreamCap(stream, cap)
         stream.write = capped.write
         shell.events.register("pre_run_cell", capped.reset)
         shell.events.register("post_run_cell", capped.flush_tail)
+        caps.append(capped)
+    return caps
+
+
+def _cap_output(app, cap):
+    """Cap rich results and displays (once per shell: a fork keeps its parent's)."""
+    shell = app.shell
     publish = shell.display_pub.publish
     shell.display_pub.publish = lambda data, *a, **kw: publish(_cap_text(data, cap), *a, **kw)
     hook = shell.displayhook
@@ -278,9 +467,14 @@ def main():
         op = req.get("op")
         try:
             if op == "spawn":
-                reply = server.spawn(req["conn"], req.get("wipe", True), (conn.fileno(),))
+                reply = server.spawn(req["conn"], req.get("wipe", True), (conn.fileno(),),
+                                     req.get("slot", 0), req.get("workdir"))
+            elif op == "adopt":
+                reply = server.adopt(req["slot"], req["pid"], req["workdir"])
+            elif op == "kill":
+                reply = server.kill(req["slot"])
             elif op == "status":
-                reply = server.status()
+                reply = server.status(req.get("slot", 0))
             elif op == "clean":
                 reply = server.clean()
             else:

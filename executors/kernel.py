@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import queue
 import secrets
+import threading
 import time
 from typing import Any
 
+import zmq
 from jupyter_client import BlockingKernelClient
 
 from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, ControlLost
 from tirforge.executors.faults import classify
-from tirforge.executors.result import ExecutionResult, SandboxUnavailable, strip_ansi
+from tirforge.executors.result import ExecutionResult, ForkFailed, SandboxUnavailable, strip_ansi
 
 # Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file).
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False"]
@@ -53,6 +56,17 @@ def write_connection_file(sock_dir: str) -> tuple[str, dict[str, Any]]:
 _TRUNCATED = "\n...[truncated "  # the marker of _Capped and of the kernel's own caps
 
 
+def _client(info: dict[str, Any], retry_ms: int | None = None) -> BlockingKernelClient:
+    """A started client for the kernel of ``info``. ``retry_ms``: how often its sockets retry
+    a kernel that has not bound its sockets yet (ZMQ's default is 100 ms)."""
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info)
+    if retry_ms is not None:  # the client's own context: only its sockets get it
+        kc.context.setsockopt(zmq.RECONNECT_IVL, retry_ms)
+    kc.start_channels()
+    return kc
+
+
 class _Capped:
     """Accumulates a stream, keeping the first and last ``cap/2`` characters."""
 
@@ -76,18 +90,35 @@ class _Capped:
         return f"{self.head}\n...[truncated {self.dropped} chars]...\n{self.tail}"
 
 
+class _Sandbox:
+    """What a kernel and its forks share: one sandbox, its fork server and its slots."""
+
+    def __init__(self, ctl: Control):
+        self.ctl = ctl
+        self.lock = threading.RLock()  # a fork, a spawn and a member leaving never interleave
+        self.members: set[KernelExecutor] = set()
+        self.next_slot = 1  # slot 0 is the kernel the sandbox was started for
+        self.granted = 1  # kernels the sandbox's memory / process caps are sized for
+
+
 class KernelExecutor:
     """Base class: one stateful kernel. Subclasses provide the sandbox (see module doc).
 
     The sandbox's main process is a fork server (``forkserver.py``) holding a warm, pre-imported
     interpreter. Every kernel is a fresh fork of it; ``reset`` kills the old kernel with every
     process, thread and file it left and forks a new one, so no state crosses a reset.
+
+    ``fork()`` branches a live kernel: a new executor whose kernel is an ``os.fork()`` of this
+    one inside the same sandbox (see ``fork``). A kernel and its forks are members of one
+    sandbox; the sandbox ends when the last member is closed or leaves it.
     """
 
     #: Where cells start (and what ``reset`` empties); set by the subclass in ``_launch``.
     workdir: str | None = None
     #: Private dir of the kernel's ipc sockets and the fork server's control socket.
     _sock_dir: str | None = None
+    #: Where forks' work dirs go (inside the sandbox), one dir per fork; set in ``_launch``.
+    _forks_dir: str | None = None
 
     def __init__(self, config: ExecutorConfig | None = None, **overrides: Any):
         self.config = dataclasses.replace(config or ExecutorConfig(), **overrides)
@@ -95,6 +126,9 @@ class KernelExecutor:
         self._ctl: Control | None = None
         self._spawns = 0  # kernels forked in this executor's life (the first wipes nothing)
         self._oom_base: int | None = None  # OOM kills counted before the current cell
+        self._box: _Sandbox | None = None  # the sandbox this kernel shares with its forks
+        self._slot = 0  # this kernel's slot in it
+        self._ipc_dir: str | None = None  # a fork's own socket dir (None: ``_sock_dir``)
 
     # -- what a backend provides ---------------------------------------------------------
     def _launch(self) -> None:
@@ -129,6 +163,24 @@ class KernelExecutor:
     def _cleanup(self) -> None:
         """Release what outlives restarts (work dirs, sockets); called by close."""
 
+    def _detach(self) -> None:
+        """Forget the sandbox without stopping it: other members (forks) still use it. The next
+        start launches a sandbox of this executor's own."""
+        self._sock_dir = None
+        self._forks_dir = None
+
+    def _fork_workdir(self, slot: int) -> str:
+        """The work dir of the fork in ``slot`` (inside the sandbox)."""
+        assert self._forks_dir is not None
+        return os.path.join(self._forks_dir, str(slot))
+
+    def _adopt_fork(self, child: KernelExecutor) -> None:
+        """Backend bookkeeping for a new fork (a shallow copy of this executor)."""
+
+    def _scale_caps(self, kernels: int) -> None:
+        """Size the sandbox's memory and process caps (which every member shares) for
+        ``kernels`` kernels: ``memory_mb`` and ``max_processes`` each."""
+
     def server_command(self, python: str) -> list[str]:
         """``python -c <fork server> <config>``: the sandbox's main process."""
         assert self._sock_dir is not None and self.workdir is not None
@@ -136,6 +188,7 @@ class KernelExecutor:
             "ctl": os.path.join(self._sock_dir, CTL_NAME),
             "workdir": self.workdir,
             "wipe": self._wipe_dirs(),
+            "forks": self._forks_dir,
             "pidns": self._private_pids(),
             "preload": self.config.preload,
             "kernel_args": KERNEL_ARGS,
@@ -169,34 +222,46 @@ class KernelExecutor:
         deadline = time.monotonic() + self.config.startup_timeout
         path = os.path.join(self._sock_dir, CTL_NAME)
         self._ctl = Control.connect(path, deadline, self._sandbox_alive)
+        self._box = _Sandbox(self._ctl)
+        self._box.members.add(self)
+        self._slot, self._ipc_dir = 0, None
+
+    @property
+    def _ipc(self) -> str:
+        """This kernel's socket dir: the sandbox's, or a fork's own below it."""
+        d = self._ipc_dir or self._sock_dir
+        assert d is not None
+        return d
 
     def _fresh_kernel(self) -> None:
         """Kill the current kernel (and all it left), fork a new one, connect, preload."""
-        assert self._ctl is not None and self._sock_dir is not None
+        assert self._ctl is not None and self._box is not None
         self._disconnect()
         for name in SOCKETS:  # so that waiting for them waits for the *new* kernel
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self._sock_dir, name))
-        conn_file, info = write_connection_file(self._sock_dir)
-        self._unlock_sock_dir(conn_file)
-        self._ctl.call("spawn", conn=conn_file, wipe=self._spawns > 0)
-        self._spawns += 1
-        try:
-            self._wait_for_sockets()
-            self._connect(info)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(conn_file)
-            self._lock_sock_dir()
+                os.remove(os.path.join(self._ipc, name))
+        conn_file, info = write_connection_file(self._ipc)
+        with self._box.lock:
+            self._unlock_sock_dir(conn_file)
+            self._ctl.call("spawn", conn=conn_file, wipe=self._spawns > 0, slot=self._slot,
+                           workdir=self.workdir)
+            self._spawns += 1
+            try:
+                self._wait_for_sockets()
+                self._connect(info)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(conn_file)
+                self._lock_sock_dir()
         status = self._status()
         self._oom_base = self._oom_kills(status) if status else None
         self._preload()
 
     def _wait_for_sockets(self) -> None:
-        assert self._sock_dir is not None
+        ipc = self._ipc
         deadline = time.monotonic() + self.config.startup_timeout
         next_check = time.monotonic() + 0.1
-        while not all(os.path.exists(os.path.join(self._sock_dir, s)) for s in SOCKETS):
+        while not all(os.path.exists(os.path.join(ipc, s)) for s in SOCKETS):
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError(f"kernel did not open its sockets within "
@@ -208,10 +273,7 @@ class KernelExecutor:
             time.sleep(0.002)
 
     def _connect(self, info: dict[str, Any]) -> None:
-        kc = BlockingKernelClient()
-        kc.load_connection_info(info)
-        kc.start_channels()
-        self.kc = kc
+        self.kc = _client(info)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -258,12 +320,139 @@ class KernelExecutor:
             self.kc = None
 
     def _full_restart(self) -> None:
-        """Kill the whole sandbox and start a new one (the slow path, ~1 s)."""
-        self._disconnect()
-        self._close_ctl()
-        self._kill()
+        """Kill the whole sandbox and start a new one (the slow path, ~1 s). A sandbox that
+        other members (forks) still use is left to them, and this kernel starts its own."""
+        self._leave_sandbox()
         self._start_sandbox()
         self._fresh_kernel()
+
+    def _leave_sandbox(self) -> None:
+        """Stop this kernel; stop the sandbox too unless another member still uses it."""
+        self._disconnect()
+        box, self._box = self._box, None
+        last = True
+        if box is not None:
+            with box.lock:
+                box.members.discard(self)
+                last = not box.members
+                if not last:
+                    with contextlib.suppress(ControlLost, RuntimeError, OSError, ValueError):
+                        box.ctl.call("kill", slot=self._slot, timeout=10.0)
+        if last:
+            self._close_ctl()
+            self._kill()
+        else:
+            self._ctl = None
+            self._detach()
+        self._slot, self._ipc_dir = 0, None
+
+    @property
+    def supports_fork(self) -> bool:
+        """This backend can ``fork()`` a live kernel."""
+        return True
+
+    def fork(self) -> KernelExecutor:
+        """A new executor whose kernel is a copy of this one now, without re-running any cell.
+
+        The namespace, imported modules, random generators' states, open objects, execution
+        count and the work dir's files (copied to the fork's own work dir) are the parent's at
+        the moment of the fork; from then on both run independently. The fork lives in the
+        parent's sandbox (same memory / process caps of the whole sandbox; its own cell
+        timeout, CPU seconds and -- locally -- address space); it is run, reset and closed like
+        any kernel. Its ``reset`` (or a restart after its kernel died) moves it to a sandbox of
+        its own, and a parent that dies or is closed does not take its forks with it.
+
+        ~tens of ms (two ``os.fork`` of the kernel process, a new kernel server in the child;
+        see docs/benchmarks.md). Raises ``ForkFailed`` (``.fault``: ``"kernel_died"`` if
+        this kernel is not alive, else ``"start_failed"``) when no fork can be made.
+        """
+        if self.kc is None or self._box is None or self._ctl is None:
+            raise ForkFailed("no kernel to fork: start it first", fault="start_failed")
+        box = self._box
+        with box.lock:
+            if not self._process_alive():
+                raise ForkFailed("the kernel to fork is not alive", fault="kernel_died")
+            slot = box.next_slot
+            box.next_slot += 1
+            need = len(box.members) + 1
+            if need > box.granted:  # grown in doublings: few updates for a wide search
+                box.granted = max(need, 2 * box.granted)
+                self._scale_caps(box.granted)
+            assert self._sock_dir is not None
+            ipc = os.path.join(self._sock_dir, f"f{slot}")
+            os.mkdir(ipc, 0o700)
+            conn_file, info = write_connection_file(ipc)
+            workdir = self._fork_workdir(slot)
+            child: KernelExecutor | None = None
+            self._unlock_sock_dir(conn_file)
+            # Connect first: the requests wait in ZMQ until the fork binds its sockets.
+            kc: BlockingKernelClient | None = _client(info, retry_ms=2)
+            try:
+                pid = self._fork_call(conn_file, workdir)
+                box.ctl.call("adopt", slot=slot, pid=pid, workdir=workdir)
+                child = copy.copy(self)
+                child.config = dataclasses.replace(self.config)
+                child.kc, child._slot, child._ipc_dir, child.workdir = None, slot, ipc, workdir
+                child._spawns = max(self._spawns, 1)
+                self._adopt_fork(child)
+                box.members.add(child)
+                child.kc, kc = kc, None
+                child._wait_ready()
+            except ForkFailed:
+                if child is not None:
+                    child.close()
+                raise
+            except Exception as e:
+                if child is not None:
+                    child.close()
+                raise ForkFailed(f"fork failed: {type(e).__name__}: {e}",
+                                 fault="start_failed") from e
+            finally:
+                if kc is not None:
+                    kc.stop_channels()
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(conn_file)
+                self._lock_sock_dir()
+        return child
+
+    def _fork_call(self, conn_file: str, workdir: str) -> int:
+        """Have the kernel fork itself (a silent cell: no history, no execution count);
+        returns the fork's pid."""
+        assert self.kc is not None and self.workdir is not None
+        mod = "__import__('sys').modules['_tirforge_fork']"
+        code = f"{mod}.fork({conn_file!r}, {self.workdir!r}, {workdir!r})"
+        msg_id = self.kc.execute(code, silent=True, store_history=False,
+                                 user_expressions={"pid": f"{mod}.pid"},
+                                 allow_stdin=False, stop_on_error=False)
+        deadline = time.monotonic() + self.config.startup_timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise ForkFailed("the kernel did not fork in time", fault="start_failed")
+            try:
+                reply = self.kc.shell_channel.get_msg(timeout=0.5)
+            except queue.Empty:
+                if not self._process_alive():
+                    raise ForkFailed("the kernel died while forking", fault="kernel_died")
+                continue
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        self._drain_iopub(msg_id)
+        content = reply["content"]
+        if content.get("status") != "ok":
+            raise ForkFailed(f"the kernel could not fork: {content.get('ename')}: "
+                             f"{content.get('evalue')}", fault="start_failed")
+        pid = content["user_expressions"]["pid"]
+        return int(pid["data"]["text/plain"])
+
+    def _drain_iopub(self, msg_id: str) -> None:
+        """Read iopub up to ``msg_id``'s idle status, so the next cell starts clean."""
+        assert self.kc is not None
+        with contextlib.suppress(queue.Empty):
+            while True:
+                msg = self.kc.iopub_channel.get_msg(timeout=1.0)
+                if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                        and msg["content"]["execution_state"] == "idle"):
+                    return
 
     def _close_ctl(self) -> None:
         if self._ctl is not None:
@@ -285,6 +474,11 @@ class KernelExecutor:
         if self._ctl is None:
             self.start()
             return False
+        if self._box is not None and len(self._box.members) > 1:
+            # Forks share the sandbox (its /tmp, its caps): a kernel that forgets everything
+            # leaves them their sandbox and starts one of its own.
+            self._full_restart()
+            return True
         try:
             self._fresh_kernel()
             return False
@@ -296,7 +490,7 @@ class KernelExecutor:
         if self._ctl is None:
             return None
         try:
-            return self._ctl.call("status", timeout=10.0)
+            return self._ctl.call("status", timeout=10.0, slot=self._slot)
         except (ControlLost, RuntimeError):
             return None
 
@@ -308,11 +502,10 @@ class KernelExecutor:
         return self.kc is not None and self._process_alive()
 
     def close(self) -> None:
-        """Stop the kernel and remove everything it used. Safe to call twice."""
-        self._disconnect()
-        self._close_ctl()
+        """Stop the kernel and remove everything it used (its sandbox too, unless forks still
+        use it). Safe to call twice."""
         try:
-            self._kill()
+            self._leave_sandbox()
         finally:
             self._cleanup()
 
