@@ -4,9 +4,11 @@ Each session leases its own kernel (variables persist across follow-up questions
 between sessions) until ``release`` or ``idle_timeout_s``. Every question runs the agent graph
 with LangGraph's SQLite checkpointer, so a finished turn can be read back (``replay_thread``).
 Besides greedy, a question can be sampled N times and one sample chosen (``agent.strategies``);
-each sample runs on its own kernel (the extras from a second pool, after replaying the
-conversation's cells) and the chosen sample's kernel becomes the session's, so follow-ups see
-the variables of the answer shown. ``ChatService.ask`` yields events; ``apps.chat`` renders them.
+each sample runs on its own kernel -- the extras are forks of the session kernel taken before
+the first sample runs (``Executor.fork``: the conversation's variables without re-running
+its cells), or, where the executor cannot fork, kernels of a second pool that replay the
+conversation's cells -- and the chosen sample's kernel becomes the session's, so follow-ups
+see the variables of the answer shown. ``ChatService.ask`` yields events; ``apps.chat`` renders them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from tirforge.agent.graph import (
 from tirforge.agent.kernel_state import replay_cells
 from tirforge.agent.strategies import STRATEGIES, ExecutionScorer, Scorer, choose
 from tirforge.executors import ExecutorConfig, KernelPool
+from tirforge.executors.result import ForkFailed
 from tirforge.trajectories.schema import Step, Trajectory
 
 ChatEvent = tuple[str, Any]
@@ -70,6 +73,9 @@ class ChatServiceConfig:
     kernels, started the first time someone picks a sampling strategy."""
     sample_temperature: float = 0.7
     """Temperature of the samples when the setting is 0 (N greedy samples would be identical)."""
+    fork_samples: bool = True
+    """Extra samples run on forks of the session kernel when its executor ``supports_fork``
+    (no second pool, no replay); False, or a fork that fails: the second pool and replay."""
 
 
 class ChatService:
@@ -185,7 +191,14 @@ class ChatService:
 
     def warm_samples(self) -> None:
         """Start the sample pool in the background (once), e.g. when a sampling strategy is
-        picked, so that its kernels are warm by the time the question comes."""
+        picked, so that its kernels are warm by the time the question comes. A no-op when
+        samples fork the session kernel (``fork_samples``): the pool is started only if a
+        fork fails."""
+        if self.config.fork_samples:
+            return
+        self._start_sample_pool()
+
+    def _start_sample_pool(self) -> None:
         with self._lock:
             if self._sample_start is not None:
                 return
@@ -363,8 +376,9 @@ class ChatService:
     ) -> None:
         """``n`` samples one after another (a local model uses the whole device anyway, and the
         person watches each one stream), each on its own kernel: the first on the session kernel,
-        the others on kernels of the sample pool that first replay the conversation's code
-        cells, so every sample starts from the same variables. Then ``choose``."""
+        the others on forks of it taken before the first sample runs, or (no fork) on kernels of
+        the sample pool that first replay the conversation's code cells, so every sample starts
+        from the same variables. Then ``choose``."""
         if not self._sampling.acquire(blocking=False):
             emit(("status", "Waiting for another conversation's samples to finish …"))
             while not self._sampling.acquire(timeout=0.5):
@@ -375,13 +389,19 @@ class ChatService:
         samples: list[Trajectory] = []
         first_steps: list[Step] = []  # what the session kernel ran, kept if we stop early
         chosen: int | None = None
+        forked = self._fork_samples(s, n - 1)
         try:
-            pool = self._wait_sample_pool(s, emit)
+            pool = self._wait_sample_pool(s, emit) if forked is None else None
             for i in range(n):
                 if s.cancel.is_set():
                     raise Cancelled
                 emit(("sample", i))
-                if i:
+                if i and forked is not None:
+                    kernel = forked.pop(0)
+                    kernels.append(kernel)
+                    s.sample_kernels.append(kernel)
+                elif i:
+                    assert pool is not None
                     kernel = self._lease(pool, s)
                     kernels.append(kernel)
                     s.sample_kernels.append(kernel)
@@ -412,6 +432,8 @@ class ChatService:
             chosen = next(i for i, t in enumerate(samples) if t is pick)
         finally:
             self._sampling.release()
+            for k in forked or []:  # forks of samples that never ran (stopped)
+                self._give_back(k)
             kept = self._settle(s, kernels, chosen)
             if kept:
                 steps = samples[chosen].steps if chosen is not None else first_steps
@@ -421,6 +443,24 @@ class ChatService:
         s.samples = samples
         s.thread_id = f"{thread_id}-{chosen + 1}" if thread_id else None
         emit(("chosen", (samples, chosen)))
+
+    def _fork_samples(self, s: ChatSession, count: int) -> list[Any] | None:
+        """``count`` forks of the session kernel (its state before any sample runs), leased
+        from the session pool; None when forks are off, the executor cannot fork, or a fork
+        failed (the samples then replay on the sample pool)."""
+        pool = self._pool
+        if (count < 1 or not self.config.fork_samples or pool is None
+                or not getattr(s.kernel, "supports_fork", False)):
+            return None
+        forks: list[Any] = []
+        try:
+            for _ in range(count):
+                forks.append(pool.fork(s.kernel, timeout=0))
+        except (ForkFailed, TimeoutError, NotImplementedError):
+            for k in forks:
+                pool.release(k)
+            return None
+        return forks
 
     def _settle(self, s: ChatSession, kernels: list[Any], chosen: int | None) -> bool:
         """The chosen sample's kernel becomes the session's (after a stop: the first sample's);
@@ -439,7 +479,7 @@ class ChatService:
         return intact
 
     def _wait_sample_pool(self, s: ChatSession, emit: Callable[[tuple], None]) -> KernelPool:
-        self.warm_samples()
+        self._start_sample_pool()
         if not self._samples_ready.is_set():
             emit(("status", "Starting the kernels for the extra samples …"))
             while not self._samples_ready.wait(0.5):
