@@ -286,6 +286,10 @@ def _fork_kernel(conn_file, src, dst):
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+    # The random module reseeds its global generator in every child (os.register_at_fork):
+    # a fork carries the parent's draws, so its state is put back in the fork.
+    rnd = sys.modules.get("random")
+    rnd_state = rnd.getstate() if rnd is not None else None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -297,6 +301,8 @@ def _fork_kernel(conn_file, src, dst):
                 os.close(w)
                 os._exit(0)
             os.close(w)
+            _FORK["random"] = rnd_state
+            _remap_files(src, dst)
             _serve_fork(conn_file, dst, cwd)
         finally:
             os._exit(70)
@@ -313,6 +319,30 @@ def _fork_kernel(conn_file, src, dst):
     if not data:
         raise RuntimeError("the fork did not start")
     sys.modules["_tirforge_fork"].pid = int(data)
+
+
+def _remap_files(src, dst):
+    """In the fork: files the parent has open under ``src`` are reopened on the fork's copies
+    (same fd, flags and offset), so that writing through an inherited handle changes the
+    fork's file, not the parent's."""
+    src = os.path.realpath(src)
+    if src == os.path.realpath(dst):
+        return
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if not path.startswith(src + "/"):
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+            flags = int(info["flags"].strip(), 8) & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+            new = os.open(dst + path[len(src):], flags)
+            os.lseek(new, int(info["pos"].strip()), os.SEEK_SET)
+            os.dup2(new, fd, inheritable=os.get_inheritable(fd))
+            os.close(new)
+        except (OSError, ValueError, KeyError):
+            continue  # a pipe, a deleted file, one that went away: left shared
 
 
 def _serve_fork(conn_file, workdir, cwd):
@@ -364,6 +394,8 @@ def _serve_fork(conn_file, workdir, cwd):
     # the shell's hook (as in any cell), not the app's.
     sys.displayhook = shell.displayhook
     _FORK.update(app=app, caps=_cap_streams(app, _FORK["cfg"]["max_output_chars"]))
+    if _FORK.get("random") is not None:  # last: setting up the server may draw from it
+        sys.modules["random"].setstate(_FORK.pop("random"))
     app.start()
 
 

@@ -28,8 +28,11 @@ from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, Con
 from tirforge.executors.faults import classify
 from tirforge.executors.result import ExecutionResult, ForkFailed, SandboxUnavailable, strip_ansi
 
-# Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file).
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False"]
+# Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file); no
+# tip in the banner (IPython >= 8.2x picks it with the global `random` on every kernel_info,
+# which would move a cell's random state -- a fork's first handshake included).
+KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False",
+               "--InteractiveShell.enable_tip=False"]
 SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
 
 
