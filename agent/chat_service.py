@@ -7,13 +7,13 @@ Besides greedy, a question can be sampled N times and one sample chosen (``agent
 each sample runs on its own kernel -- the extras are forks of the session kernel taken before
 the first sample runs (``Executor.fork``: the conversation's variables without re-running
 its cells), or, where the executor cannot fork, kernels of a second pool that replay the
-conversation's cells -- and the chosen sample's kernel becomes the session's, so follow-ups
-see the variables of the answer shown. ``ChatService.ask`` yields events; ``apps.chat`` renders them.
+conversation's cells (``chat_samples``) -- and the chosen sample's kernel becomes the session's,
+so follow-ups see the variables of the answer shown. ``ChatService.ask`` yields events;
+``apps.chat`` renders them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import sqlite3
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tirforge.agent.backends.base import Backend
+from tirforge.agent.chat_samples import SampleKernels, sandbox_help
 from tirforge.agent.chat_session import (
     CancellableBackend,
     Cancelled,
@@ -42,15 +43,10 @@ from tirforge.agent.graph import (
 from tirforge.agent.kernel_state import replay_cells
 from tirforge.agent.strategies import STRATEGIES, ExecutionScorer, Scorer, choose
 from tirforge.executors import ExecutorConfig, KernelPool
-from tirforge.executors.result import ForkFailed
 from tirforge.trajectories.schema import Step, Trajectory
 
 ChatEvent = tuple[str, Any]
 """(kind, payload) of ``ChatService.ask``: see its docstring."""
-
-
-ChatEvent = tuple[str, Any]
-"""(kind, payload) of ``ChatSessions.ask``: see its docstring."""
 
 
 @dataclass
@@ -78,7 +74,7 @@ class ChatServiceConfig:
     (no second pool, no replay); False, or a fork that fails: the second pool and replay."""
 
 
-class ChatService:
+class ChatService(SampleKernels):
     """Owns the model, the kernel pools, the checkpointer and the sessions.
 
     ``load_backend`` (and ``load_scorer``, which returns a scorer and its name in words) run
@@ -189,30 +185,6 @@ class ChatService:
         """A scorer was given or has loaded (not the execution heuristics)."""
         return self._scorer is not None
 
-    def warm_samples(self) -> None:
-        """Start the sample pool in the background (once), e.g. when a sampling strategy is
-        picked, so that its kernels are warm by the time the question comes. A no-op when
-        samples fork the session kernel (``fork_samples``): the pool is started only if a
-        fork fails."""
-        if self.config.fork_samples:
-            return
-        self._start_sample_pool()
-
-    def _start_sample_pool(self) -> None:
-        with self._lock:
-            if self._sample_start is not None:
-                return
-            self._sample_start = threading.Thread(target=self._start_samples, daemon=True)
-        self._sample_start.start()
-
-    def _start_samples(self) -> None:
-        try:
-            size = max(1, self.config.max_samples - 1)
-            self._sample_pool = KernelPool(self.executor_config, size=size).start()
-        except Exception as e:
-            self.sample_error = sandbox_help(self.executor_config, e)
-        self._samples_ready.set()
-
     # -- sessions --------------------------------------------------------------------------
     def session(self, key: str) -> ChatSession:
         with self._lock:
@@ -236,15 +208,6 @@ class ChatService:
             if kernel is not None:
                 kernel.interrupt()
                 self._give_back(kernel)
-
-    def _give_back(self, kernel: Any) -> None:
-        """Return a kernel to the pool it was leased from (it is reset there)."""
-        with self._lock:
-            sampled = id(kernel) in self._from_samples
-            self._from_samples.discard(id(kernel))
-        pool = self._sample_pool if sampled else self._pool
-        if pool is not None:
-            pool.release(kernel)
 
     def _reap_idle(self) -> None:
         while True:
@@ -444,24 +407,6 @@ class ChatService:
         s.thread_id = f"{thread_id}-{chosen + 1}" if thread_id else None
         emit(("chosen", (samples, chosen)))
 
-    def _fork_samples(self, s: ChatSession, count: int) -> list[Any] | None:
-        """``count`` forks of the session kernel (its state before any sample runs), leased
-        from the session pool; None when forks are off, the executor cannot fork, or a fork
-        failed (the samples then replay on the sample pool)."""
-        pool = self._pool
-        if (count < 1 or not self.config.fork_samples or pool is None
-                or not getattr(s.kernel, "supports_fork", False)):
-            return None
-        forks: list[Any] = []
-        try:
-            for _ in range(count):
-                forks.append(pool.fork(s.kernel, timeout=0))
-        except (ForkFailed, TimeoutError, NotImplementedError):
-            for k in forks:
-                pool.release(k)
-            return None
-        return forks
-
     def _settle(self, s: ChatSession, kernels: list[Any], chosen: int | None) -> bool:
         """The chosen sample's kernel becomes the session's (after a stop: the first sample's);
         the others go back to their pools. Swapping, rather than re-running the chosen code in
@@ -477,33 +422,6 @@ class ChatService:
         for k in [k for k in kernels if k is not keep] if intact else kernels[1:]:
             self._give_back(k)
         return intact
-
-    def _wait_sample_pool(self, s: ChatSession, emit: Callable[[tuple], None]) -> KernelPool:
-        self._start_sample_pool()
-        if not self._samples_ready.is_set():
-            emit(("status", "Starting the kernels for the extra samples …"))
-            while not self._samples_ready.wait(0.5):
-                if s.cancel.is_set():
-                    raise Cancelled
-        if self._sample_pool is None:
-            raise RuntimeError(self.sample_error or "the sample kernels did not start")
-        return self._sample_pool
-
-    def _lease(self, pool: KernelPool, s: ChatSession) -> Any:
-        """A kernel for an extra sample: from the sample pool, or an idle one of the session
-        pool while a session holds a sample-pool kernel it was swapped; waits (for a reset)
-        but not past a Stop."""
-        while True:
-            if s.cancel.is_set():
-                raise Cancelled
-            with contextlib.suppress(TimeoutError):
-                kernel = pool.lease(timeout=0.25)
-                with self._lock:
-                    self._from_samples.add(id(kernel))
-                return kernel
-            if self._pool is not None:
-                with contextlib.suppress(TimeoutError):
-                    return self._pool.lease(timeout=0)
 
     def export(self, key: str) -> str | None:
         """The session's trajectories as a JSONL file (the collection schema); its path."""
@@ -526,12 +444,3 @@ def sqlite_checkpointer(path: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Gradio handlers run in worker threads; SqliteSaver serialises access itself.
     return SqliteSaver(sqlite3.connect(path, check_same_thread=False))
-
-
-def sandbox_help(cfg: ExecutorConfig, e: Exception) -> str:
-    fix = (
-        "start Docker and build the image: `tirforge sandbox build`"
-        if cfg.backend == "docker"
-        else "install bubblewrap (`apt-get install bubblewrap`) or start with `--sandbox none`"
-    )
-    return f"The code sandbox ({cfg.backend}) is unavailable: {e}. To fix: {fix}."

@@ -10,64 +10,30 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
 import dataclasses
 import json
 import os
 import queue
-import secrets
-import threading
 import time
 from typing import Any
 
-import zmq
 from jupyter_client import BlockingKernelClient
 
 from tirforge.executors.config import ExecutorConfig
+from tirforge.executors.connection import SOCKETS, kernel_client, write_connection_file
 from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, ControlLost
 from tirforge.executors.faults import classify
-from tirforge.executors.result import ExecutionResult, ForkFailed, SandboxUnavailable, strip_ansi
+from tirforge.executors.fork import ForkingKernel, SharedSandbox
+from tirforge.executors.result import ExecutionResult, SandboxUnavailable, strip_ansi
 
 # Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file); no
 # tip in the banner (IPython >= 8.2x picks it with the global `random` on every kernel_info,
 # which would move a cell's random state -- a fork's first handshake included).
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False",
                "--InteractiveShell.enable_tip=False"]
-SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
-
-
-def write_connection_file(sock_dir: str) -> tuple[str, dict[str, Any]]:
-    """A connection file for ipc transport in ``sock_dir``, always with a random HMAC key."""
-    info: dict[str, Any] = {
-        "transport": "ipc",
-        "ip": os.path.join(sock_dir, "k"),
-        "shell_port": 1,
-        "iopub_port": 2,
-        "stdin_port": 3,
-        "control_port": 4,
-        "hb_port": 5,
-        "key": secrets.token_hex(32),
-        "signature_scheme": "hmac-sha256",
-        "kernel_name": "python3",
-    }
-    path = os.path.join(sock_dir, "kernel.json")
-    with open(path, "w") as f:
-        json.dump(info, f)
-    return path, info
 
 
 _TRUNCATED = "\n...[truncated "  # the marker of _Capped and of the kernel's own caps
-
-
-def _client(info: dict[str, Any], retry_ms: int | None = None) -> BlockingKernelClient:
-    """A started client for the kernel of ``info``. ``retry_ms``: how often its sockets retry
-    a kernel that has not bound its sockets yet (ZMQ's default is 100 ms)."""
-    kc = BlockingKernelClient()
-    kc.load_connection_info(info)
-    if retry_ms is not None:  # the client's own context: only its sockets get it
-        kc.context.setsockopt(zmq.RECONNECT_IVL, retry_ms)
-    kc.start_channels()
-    return kc
 
 
 class _Capped:
@@ -93,18 +59,7 @@ class _Capped:
         return f"{self.head}\n...[truncated {self.dropped} chars]...\n{self.tail}"
 
 
-class _Sandbox:
-    """What a kernel and its forks share: one sandbox, its fork server and its slots."""
-
-    def __init__(self, ctl: Control):
-        self.ctl = ctl
-        self.lock = threading.RLock()  # a fork, a spawn and a member leaving never interleave
-        self.members: set[KernelExecutor] = set()
-        self.next_slot = 1  # slot 0 is the kernel the sandbox was started for
-        self.granted = 1  # kernels the sandbox's memory / process caps are sized for
-
-
-class KernelExecutor:
+class KernelExecutor(ForkingKernel):
     """Base class: one stateful kernel. Subclasses provide the sandbox (see module doc).
 
     The sandbox's main process is a fork server (``forkserver.py``) holding a warm, pre-imported
@@ -129,7 +84,7 @@ class KernelExecutor:
         self._ctl: Control | None = None
         self._spawns = 0  # kernels forked in this executor's life (the first wipes nothing)
         self._oom_base: int | None = None  # OOM kills counted before the current cell
-        self._box: _Sandbox | None = None  # the sandbox this kernel shares with its forks
+        self._box: SharedSandbox | None = None  # the sandbox this kernel shares with its forks
         self._slot = 0  # this kernel's slot in it
         self._ipc_dir: str | None = None  # a fork's own socket dir (None: ``_sock_dir``)
 
@@ -165,24 +120,6 @@ class KernelExecutor:
 
     def _cleanup(self) -> None:
         """Release what outlives restarts (work dirs, sockets); called by close."""
-
-    def _detach(self) -> None:
-        """Forget the sandbox without stopping it: other members (forks) still use it. The next
-        start launches a sandbox of this executor's own."""
-        self._sock_dir = None
-        self._forks_dir = None
-
-    def _fork_workdir(self, slot: int) -> str:
-        """The work dir of the fork in ``slot`` (inside the sandbox)."""
-        assert self._forks_dir is not None
-        return os.path.join(self._forks_dir, str(slot))
-
-    def _adopt_fork(self, child: KernelExecutor) -> None:
-        """Backend bookkeeping for a new fork (a shallow copy of this executor)."""
-
-    def _scale_caps(self, kernels: int) -> None:
-        """Size the sandbox's memory and process caps (which every member shares) for
-        ``kernels`` kernels: ``memory_mb`` and ``max_processes`` each."""
 
     def server_command(self, python: str) -> list[str]:
         """``python -c <fork server> <config>``: the sandbox's main process."""
@@ -225,7 +162,7 @@ class KernelExecutor:
         deadline = time.monotonic() + self.config.startup_timeout
         path = os.path.join(self._sock_dir, CTL_NAME)
         self._ctl = Control.connect(path, deadline, self._sandbox_alive)
-        self._box = _Sandbox(self._ctl)
+        self._box = SharedSandbox(self._ctl)
         self._box.members.add(self)
         self._slot, self._ipc_dir = 0, None
 
@@ -276,7 +213,7 @@ class KernelExecutor:
             time.sleep(0.002)
 
     def _connect(self, info: dict[str, Any]) -> None:
-        self.kc = _client(info)
+        self.kc = kernel_client(info)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -328,134 +265,6 @@ class KernelExecutor:
         self._leave_sandbox()
         self._start_sandbox()
         self._fresh_kernel()
-
-    def _leave_sandbox(self) -> None:
-        """Stop this kernel; stop the sandbox too unless another member still uses it."""
-        self._disconnect()
-        box, self._box = self._box, None
-        last = True
-        if box is not None:
-            with box.lock:
-                box.members.discard(self)
-                last = not box.members
-                if not last:
-                    with contextlib.suppress(ControlLost, RuntimeError, OSError, ValueError):
-                        box.ctl.call("kill", slot=self._slot, timeout=10.0)
-        if last:
-            self._close_ctl()
-            self._kill()
-        else:
-            self._ctl = None
-            self._detach()
-        self._slot, self._ipc_dir = 0, None
-
-    @property
-    def supports_fork(self) -> bool:
-        """This backend can ``fork()`` a live kernel."""
-        return True
-
-    def fork(self) -> KernelExecutor:
-        """A new executor whose kernel is a copy of this one now, without re-running any cell.
-
-        The namespace, imported modules, random generators' states, open objects, execution
-        count and the work dir's files (copied to the fork's own work dir) are the parent's at
-        the moment of the fork; from then on both run independently. The fork lives in the
-        parent's sandbox (same memory / process caps of the whole sandbox; its own cell
-        timeout, CPU seconds and -- locally -- address space); it is run, reset and closed like
-        any kernel. Its ``reset`` (or a restart after its kernel died) moves it to a sandbox of
-        its own, and a parent that dies or is closed does not take its forks with it.
-
-        ~tens of ms (two ``os.fork`` of the kernel process, a new kernel server in the child;
-        see docs/benchmarks.md). Raises ``ForkFailed`` (``.fault``: ``"kernel_died"`` if
-        this kernel is not alive, else ``"start_failed"``) when no fork can be made.
-        """
-        if self.kc is None or self._box is None or self._ctl is None:
-            raise ForkFailed("no kernel to fork: start it first", fault="start_failed")
-        box = self._box
-        with box.lock:
-            if not self._process_alive():
-                raise ForkFailed("the kernel to fork is not alive", fault="kernel_died")
-            slot = box.next_slot
-            box.next_slot += 1
-            need = len(box.members) + 1
-            if need > box.granted:  # grown in doublings: few updates for a wide search
-                box.granted = max(need, 2 * box.granted)
-                self._scale_caps(box.granted)
-            assert self._sock_dir is not None
-            ipc = os.path.join(self._sock_dir, f"f{slot}")
-            os.mkdir(ipc, 0o700)
-            conn_file, info = write_connection_file(ipc)
-            workdir = self._fork_workdir(slot)
-            child: KernelExecutor | None = None
-            self._unlock_sock_dir(conn_file)
-            # Connect first: the requests wait in ZMQ until the fork binds its sockets.
-            kc: BlockingKernelClient | None = _client(info, retry_ms=2)
-            try:
-                pid = self._fork_call(conn_file, workdir)
-                box.ctl.call("adopt", slot=slot, pid=pid, workdir=workdir)
-                child = copy.copy(self)
-                child.config = dataclasses.replace(self.config)
-                child.kc, child._slot, child._ipc_dir, child.workdir = None, slot, ipc, workdir
-                child._spawns = max(self._spawns, 1)
-                self._adopt_fork(child)
-                box.members.add(child)
-                child.kc, kc = kc, None
-                child._wait_ready()
-            except ForkFailed:
-                if child is not None:
-                    child.close()
-                raise
-            except Exception as e:
-                if child is not None:
-                    child.close()
-                raise ForkFailed(f"fork failed: {type(e).__name__}: {e}",
-                                 fault="start_failed") from e
-            finally:
-                if kc is not None:
-                    kc.stop_channels()
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(conn_file)
-                self._lock_sock_dir()
-        return child
-
-    def _fork_call(self, conn_file: str, workdir: str) -> int:
-        """Have the kernel fork itself (a silent cell: no history, no execution count);
-        returns the fork's pid."""
-        assert self.kc is not None and self.workdir is not None
-        mod = "__import__('sys').modules['_tirforge_fork']"
-        code = f"{mod}.fork({conn_file!r}, {self.workdir!r}, {workdir!r})"
-        msg_id = self.kc.execute(code, silent=True, store_history=False,
-                                 user_expressions={"pid": f"{mod}.pid"},
-                                 allow_stdin=False, stop_on_error=False)
-        deadline = time.monotonic() + self.config.startup_timeout
-        while True:
-            if time.monotonic() > deadline:
-                raise ForkFailed("the kernel did not fork in time", fault="start_failed")
-            try:
-                reply = self.kc.shell_channel.get_msg(timeout=0.5)
-            except queue.Empty:
-                if not self._process_alive():
-                    raise ForkFailed("the kernel died while forking", fault="kernel_died")
-                continue
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        self._drain_iopub(msg_id)
-        content = reply["content"]
-        if content.get("status") != "ok":
-            raise ForkFailed(f"the kernel could not fork: {content.get('ename')}: "
-                             f"{content.get('evalue')}", fault="start_failed")
-        pid = content["user_expressions"]["pid"]
-        return int(pid["data"]["text/plain"])
-
-    def _drain_iopub(self, msg_id: str) -> None:
-        """Read iopub up to ``msg_id``'s idle status, so the next cell starts clean."""
-        assert self.kc is not None
-        with contextlib.suppress(queue.Empty):
-            while True:
-                msg = self.kc.iopub_channel.get_msg(timeout=1.0)
-                if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
-                        and msg["content"]["execution_state"] == "idle"):
-                    return
 
     def _close_ctl(self) -> None:
         if self._ctl is not None:

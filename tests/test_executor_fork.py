@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(180)
 HISTORY = [
     "import random, time, uuid, os\nimport numpy as np\nimport sympy as sp",
     "token = uuid.uuid4().hex\nstamp = time.time_ns()\nrng = np.random.default_rng()",
-    "x = sp.Symbol('x')\nroots = sp.solve(x**3 - 6*x**2 + 11*x - 6, x)\nM = sp.Matrix([[1, 2], [3, 4]])",
+    "x = sp.Symbol('x')\nroots = sp.solve(x**3 - 6*x**2 + 11*x - 6, x)\n"
+    "M = sp.Matrix([[1, 2], [3, 4]])",
     "with open('notes.txt', 'w') as f:\n    f.write(f'token={token}')\nlog = open('log.txt', 'a')",
 ]
 STATE = "(token, stamp, sorted(roots), M.det(), open('notes.txt').read())"
