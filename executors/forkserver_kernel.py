@@ -76,7 +76,7 @@ def _fork_kernel(conn_file, src, dst):
             os.close(r)
             grandchild = os.fork()
             if grandchild:
-                os.write(w, str(grandchild).encode())
+                os.write(w, f"{grandchild}\n".encode())
                 os.close(w)
                 os._exit(0)
             os.close(w)
@@ -87,7 +87,7 @@ def _fork_kernel(conn_file, src, dst):
             os._exit(70)
     os.close(w)
     data = b""
-    while chunk := os.read(r, 64):  # EOF once the middle process wrote and exited
+    while not data.endswith(b"\n") and (chunk := os.read(r, 64)):  # a line, or EOF (failed)
         data += chunk
     os.close(r)
     try:  # reaped now if it has already gone, else at the next fork
@@ -95,7 +95,7 @@ def _fork_kernel(conn_file, src, dst):
             _FORK.setdefault("middle", []).append(pid)
     except ChildProcessError:
         pass
-    if not data:
+    if not data.endswith(b"\n"):
         raise RuntimeError("the fork did not start")
     sys.modules["_tirforge_fork"].pid = int(data)
 
@@ -128,8 +128,6 @@ def _serve_fork(conn_file, workdir, cwd):
     """In the fork: a new kernel server around the inherited shell, on a new event loop."""
     import asyncio
 
-    from ipykernel.kernelapp import IPKernelApp
-
     os.setsid()
     os.chdir(cwd)
     os.environ["HOME"] = workdir
@@ -150,14 +148,24 @@ def _serve_fork(conn_file, workdir, cwd):
     for cap in _FORK["caps"]:
         shell.events.unregister("pre_run_cell", cap.reset)
         shell.events.unregister("post_run_cell", cap.flush_tail)
-    _FORK["keep"].append((old, old.kernel, _FORK["caps"]))  # never collected: no ZMQ close
-    IPKernelApp.clear_instance()
+    # Everything of the parent's server stays referenced, never collected: no ZMQ object of it
+    # is closed (or otherwise used) here.
+    _FORK["keep"].append((dict(old._trait_values), old.kernel, _FORK["caps"]))
     type(old.kernel).clear_instance()
-    # Only the transport is new: the steps of IPKernelApp.initialize that make sockets,
-    # streams and the kernel object. Config, profile, pdb, sys.path, extensions and startup
-    # code were set up by the first kernel and are part of the state a fork carries.
-    app = IPKernelApp.instance(config=old.config)
-    app.profile_dir = old.profile_dir
+    try:  # no debugger in a fork: one fewer socket and thread to start
+        import ipykernel.ipkernel
+
+        ipykernel.ipkernel._is_debugpy_available = False
+    except (ImportError, AttributeError):
+        pass
+    # The same app object, with a new transport: the steps of IPKernelApp.initialize that make
+    # the connection, sockets, streams and the kernel object (a new Application costs more
+    # than all of them). Config, profile, pdb, sys.path, extensions and startup code were set
+    # up by the first kernel and are part of the state a fork carries.
+    app = old
+    app.context = app.heartbeat = app.iopub_thread = None
+    # A new session too: jupyter_client's refuses to send from another pid than its own.
+    app.session = type(old.session)(parent=app)
     app.connection_file = conn_file
     app.init_connection_file()
     app.init_sockets()
