@@ -85,10 +85,12 @@ class ForkingKernel:
 
         The namespace, imported modules, random generators' states, open objects, execution
         count and the work dir's files (copied to the fork's own work dir) are the parent's at
-        the moment of the fork; from then on both run independently. The fork lives in the
-        parent's sandbox (same memory / process caps of the whole sandbox; its own cell
-        timeout, CPU seconds and -- locally -- address space); it is run, reset and closed like
-        any kernel. Its ``reset`` (or a restart after its kernel died) moves it to a sandbox of
+        the moment of the fork; from then on both run independently. Threads a cell started
+        and child processes do not carry over (as with ``os.fork``). The fork lives in the
+        parent's sandbox, under its memory / process caps (shared by its kernels, sized
+        ``memory_mb`` / ``max_processes`` x their number, grown in doublings) and with its own
+        cell timeout, CPU seconds and -- locally -- address space; it is run, reset and closed
+        like any kernel. Its ``reset`` (or a restart after its kernel died) moves it to a sandbox of
         its own, and a parent that dies or is closed does not take its forks with it.
 
         ~tens of ms (two ``os.fork`` of the kernel process, a new kernel server in the child;
