@@ -220,8 +220,14 @@ class Server:
         return {"pid": pid}
 
     def adopt(self, slot, pid, workdir):
-        self.reap()
-        if pid not in _descendants(os.getpid()) and pid not in self.ended:
+        # While its middle process exits, the fork moves from its children to ours: a /proc walk
+        # can miss it for that moment, so look again briefly before saying no.
+        for _ in range(100):
+            self.reap()
+            if pid in self.ended or pid in _descendants(os.getpid()):
+                break
+            time.sleep(0.002)
+        else:
             raise RuntimeError(f"process {pid} is not a kernel of this sandbox")
         self.kernels[slot], self.workdirs[slot] = pid, workdir
         return {"pid": pid}
