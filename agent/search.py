@@ -39,6 +39,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -216,6 +217,8 @@ class _Forks:
         root.reset()
         self.root = root
         self.owned: list[Executor] = []
+        # Kernels that left the beam are closed off the search's path; ``close`` waits.
+        self._closer = ThreadPoolExecutor(1, thread_name_prefix="search-fork-close")
         self.forks = 0
         self.replay: _SharedKernel | None = None  # fallback once even the root cannot fork
         self.replayed = 0
@@ -248,11 +251,13 @@ class _Forks:
         """Close every owned kernel not in ``kernels`` (nodes that left the beam)."""
         keep = {id(k) for k in kernels}
         for k in [k for k in self.owned if id(k) not in keep]:
-            k.close()
+            self._closer.submit(k.close)
         self.owned = [k for k in self.owned if id(k) in keep]
 
     def close(self) -> None:
+        """Close every fork and wait until all are closed."""
         self.keep_only([])
+        self._closer.shutdown(wait=True)
 
 
 class _ForkCandidate:

@@ -109,22 +109,28 @@ class ScriptedModel:
         return out
 
 
-def search_wall(cfg: ExecutorConfig, mode: str, problems: int) -> tuple[float, int, int]:
-    """Seconds for all problems, forks made, cells replayed."""
-    k = make_executor(cfg)
-    k.start()
-    sc = StepSearchConfig(beam_width=2, expansions_per_step=2, kernel_state=mode,  # type: ignore[arg-type]
-                          agent=AgentConfig(max_turns=8, sampling=SamplingParams(temperature=0.7)))
-    t = time.perf_counter()
-    forks = replayed = 0
+def search_walls(cfg: ExecutorConfig, problems: int) -> dict[str, list[float]]:
+    """Per mode: seconds, forks made, cells replayed, over all problems. The modes alternate
+    (which goes first too) problem by problem, so a change of machine load hits both alike."""
+    kernels = {m: make_executor(cfg) for m in ("replay", "fork")}
+    for k in kernels.values():
+        k.start()
+    out = {m: [0.0, 0, 0] for m in kernels}
     for p in range(1, problems + 1):
-        res = step_search(f"Problem {p}", ScriptedModel(problem_turns(p)), k, ExecutionScorer(), sc)
-        assert res.kernel_state == mode and res.finished
-        forks += res.forks
-        replayed += res.replayed_cells
-    wall = time.perf_counter() - t
-    k.close()
-    return wall, forks, replayed
+        for mode in (("replay", "fork") if p % 2 else ("fork", "replay")):
+            sc = StepSearchConfig(beam_width=2, expansions_per_step=2, kernel_state=mode,  # type: ignore[arg-type]
+                                  agent=AgentConfig(max_turns=8,
+                                                    sampling=SamplingParams(temperature=0.7)))
+            t = time.perf_counter()
+            res = step_search(f"Problem {p}", ScriptedModel(problem_turns(p)), kernels[mode],
+                              ExecutionScorer(), sc)
+            out[mode][0] += time.perf_counter() - t
+            assert res.kernel_state == mode and res.finished
+            out[mode][1] += res.forks
+            out[mode][2] += res.replayed_cells
+    for k in kernels.values():
+        k.close()
+    return out
 
 
 def main() -> None:
@@ -144,13 +150,11 @@ def main() -> None:
               f"| fork {r50 / f50:.1f}x faster than replay, {c50 / f50:.1f}x than cold")
     print(f"## 2. step search wall time, {problems} problems, B=2 M=2, scripted sympy turns")
     for name in names:
-        walls = {}
-        for mode in ("replay", "fork"):
-            wall, forks, replayed = search_wall(CONFIGS[name], mode, problems)
-            walls[mode] = wall
+        walls = search_walls(CONFIGS[name], problems)
+        for mode, (wall, forks, replayed) in walls.items():
             print(f"{name:6s} {mode:6s} {wall:6.2f} s  forks {forks:3d}  "
                   f"cells replayed {replayed:3d}")
-        print(f"{name:6s} fork {walls['replay'] / walls['fork']:.2f}x faster than replay")
+        print(f"{name:6s} fork {walls['replay'][0] / walls['fork'][0]:.2f}x faster than replay")
 
 
 if __name__ == "__main__":
