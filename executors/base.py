@@ -80,6 +80,11 @@ class AsyncExecutor:
         async with self._lock:
             return await self._call(self.executor.reset)
 
+    @property
+    def supports_fork(self) -> bool:
+        """The wrapped executor can ``fork()``."""
+        return bool(getattr(self.executor, "supports_fork", False))
+
     async def fork(self) -> AsyncExecutor:
         """``Executor.fork`` of the wrapped kernel, wrapped the same way."""
         async with self._lock:

@@ -223,3 +223,26 @@ def test_the_pool_accounts_for_forks():
         for x in (b, c, k2):
             pool.release(x)
         assert pool.forks == 0
+
+
+def test_async_executor_forks():
+    import asyncio
+
+    from tirforge.executors import AsyncExecutor, LocalKernelExecutor
+
+    async def go() -> tuple[str | None, str | None]:
+        a = AsyncExecutor(LocalKernelExecutor())
+        await a.start()
+        try:
+            await a.run("z = 11")
+            assert a.supports_fork
+            f = await a.fork()
+            try:
+                await f.run("z = 0")
+                return (await f.run("z + 1")).result, (await a.run("z + 1")).result
+            finally:
+                await f.close()
+        finally:
+            await a.close()
+
+    assert asyncio.run(go()) == ("1", "12")
