@@ -246,3 +246,31 @@ def test_async_executor_forks():
             await a.close()
 
     assert asyncio.run(go()) == ("1", "12")
+
+
+def test_step_search_falls_back_to_replay_when_forks_fail():
+    from tirforge.executors import LocalKernelExecutor
+
+    class Broken:  # says it can fork, then cannot (as a kernel that died would)
+        supports_fork = True
+
+        def __init__(self, inner):
+            self.inner, self.tries = inner, 0
+
+        def run(self, code, timeout=None):
+            return self.inner.run(code, timeout)
+
+        def reset(self):
+            return self.inner.reset()
+
+        def fork(self):
+            self.tries += 1
+            raise ForkFailed("no fork today", fault="kernel_died")
+
+    cfg = StepSearchConfig(beam_width=2, expansions_per_step=2,
+                           agent=AgentConfig(max_turns=6, sampling=SamplingParams(temperature=0.7)))
+    with LocalKernelExecutor() as k:  # the fallback does not depend on the backend
+        broken = Broken(k)
+        res = step_search(PROBLEM, Scripted(TURNS), broken, Prefers("42"), cfg, reference=REF)
+    assert broken.tries >= 1 and res.forks == 0 and res.replayed_cells > 0
+    assert res.best.final_answer == "42" and res.best.steps[1].output.strip() == "x = 42"
