@@ -4,14 +4,16 @@ Each session leases its own kernel (variables persist across follow-up questions
 between sessions) until ``release`` or ``idle_timeout_s``. Every question runs the agent graph
 with LangGraph's SQLite checkpointer, so a finished turn can be read back (``replay_thread``).
 Besides greedy, a question can be sampled N times and one sample chosen (``agent.strategies``);
-each sample runs on its own kernel (the extras from a second pool, after replaying the
-conversation's cells) and the chosen sample's kernel becomes the session's, so follow-ups see
-the variables of the answer shown. ``ChatService.ask`` yields events; ``apps.chat`` renders them.
+each sample runs on its own kernel -- the extras are forks of the session kernel taken before
+the first sample runs (``Executor.fork``: the conversation's variables without re-running
+its cells), or, where the executor cannot fork, kernels of a second pool that replay the
+conversation's cells (``chat_samples``) -- and the chosen sample's kernel becomes the session's,
+so follow-ups see the variables of the answer shown. ``ChatService.ask`` yields events;
+``apps.chat`` renders them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import sqlite3
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tirforge.agent.backends.base import Backend
+from tirforge.agent.chat_samples import SampleKernels, sandbox_help
 from tirforge.agent.chat_session import (
     CancellableBackend,
     Cancelled,
@@ -46,10 +49,6 @@ ChatEvent = tuple[str, Any]
 """(kind, payload) of ``ChatService.ask``: see its docstring."""
 
 
-ChatEvent = tuple[str, Any]
-"""(kind, payload) of ``ChatSessions.ask``: see its docstring."""
-
-
 @dataclass
 class ChatServiceConfig:
     """How many sessions and samples are served, and where conversations are kept."""
@@ -70,9 +69,12 @@ class ChatServiceConfig:
     kernels, started the first time someone picks a sampling strategy."""
     sample_temperature: float = 0.7
     """Temperature of the samples when the setting is 0 (N greedy samples would be identical)."""
+    fork_samples: bool = True
+    """Extra samples run on forks of the session kernel when its executor ``supports_fork``
+    (no second pool, no replay); False, or a fork that fails: the second pool and replay."""
 
 
-class ChatService:
+class ChatService(SampleKernels):
     """Owns the model, the kernel pools, the checkpointer and the sessions.
 
     ``load_backend`` (and ``load_scorer``, which returns a scorer and its name in words) run
@@ -183,23 +185,6 @@ class ChatService:
         """A scorer was given or has loaded (not the execution heuristics)."""
         return self._scorer is not None
 
-    def warm_samples(self) -> None:
-        """Start the sample pool in the background (once), e.g. when a sampling strategy is
-        picked, so that its kernels are warm by the time the question comes."""
-        with self._lock:
-            if self._sample_start is not None:
-                return
-            self._sample_start = threading.Thread(target=self._start_samples, daemon=True)
-        self._sample_start.start()
-
-    def _start_samples(self) -> None:
-        try:
-            size = max(1, self.config.max_samples - 1)
-            self._sample_pool = KernelPool(self.executor_config, size=size).start()
-        except Exception as e:
-            self.sample_error = sandbox_help(self.executor_config, e)
-        self._samples_ready.set()
-
     # -- sessions --------------------------------------------------------------------------
     def session(self, key: str) -> ChatSession:
         with self._lock:
@@ -223,15 +208,6 @@ class ChatService:
             if kernel is not None:
                 kernel.interrupt()
                 self._give_back(kernel)
-
-    def _give_back(self, kernel: Any) -> None:
-        """Return a kernel to the pool it was leased from (it is reset there)."""
-        with self._lock:
-            sampled = id(kernel) in self._from_samples
-            self._from_samples.discard(id(kernel))
-        pool = self._sample_pool if sampled else self._pool
-        if pool is not None:
-            pool.release(kernel)
 
     def _reap_idle(self) -> None:
         while True:
@@ -363,8 +339,9 @@ class ChatService:
     ) -> None:
         """``n`` samples one after another (a local model uses the whole device anyway, and the
         person watches each one stream), each on its own kernel: the first on the session kernel,
-        the others on kernels of the sample pool that first replay the conversation's code
-        cells, so every sample starts from the same variables. Then ``choose``."""
+        the others on forks of it taken before the first sample runs, or (no fork) on kernels of
+        the sample pool that first replay the conversation's code cells, so every sample starts
+        from the same variables. Then ``choose``."""
         if not self._sampling.acquire(blocking=False):
             emit(("status", "Waiting for another conversation's samples to finish …"))
             while not self._sampling.acquire(timeout=0.5):
@@ -375,13 +352,19 @@ class ChatService:
         samples: list[Trajectory] = []
         first_steps: list[Step] = []  # what the session kernel ran, kept if we stop early
         chosen: int | None = None
+        forked = self._fork_samples(s, n - 1)
         try:
-            pool = self._wait_sample_pool(s, emit)
+            pool = self._wait_sample_pool(s, emit) if forked is None else None
             for i in range(n):
                 if s.cancel.is_set():
                     raise Cancelled
                 emit(("sample", i))
-                if i:
+                if i and forked is not None:
+                    kernel = forked.pop(0)
+                    kernels.append(kernel)
+                    s.sample_kernels.append(kernel)
+                elif i:
+                    assert pool is not None
                     kernel = self._lease(pool, s)
                     kernels.append(kernel)
                     s.sample_kernels.append(kernel)
@@ -412,6 +395,8 @@ class ChatService:
             chosen = next(i for i, t in enumerate(samples) if t is pick)
         finally:
             self._sampling.release()
+            for k in forked or []:  # forks of samples that never ran (stopped)
+                self._give_back(k)
             kept = self._settle(s, kernels, chosen)
             if kept:
                 steps = samples[chosen].steps if chosen is not None else first_steps
@@ -438,33 +423,6 @@ class ChatService:
             self._give_back(k)
         return intact
 
-    def _wait_sample_pool(self, s: ChatSession, emit: Callable[[tuple], None]) -> KernelPool:
-        self.warm_samples()
-        if not self._samples_ready.is_set():
-            emit(("status", "Starting the kernels for the extra samples …"))
-            while not self._samples_ready.wait(0.5):
-                if s.cancel.is_set():
-                    raise Cancelled
-        if self._sample_pool is None:
-            raise RuntimeError(self.sample_error or "the sample kernels did not start")
-        return self._sample_pool
-
-    def _lease(self, pool: KernelPool, s: ChatSession) -> Any:
-        """A kernel for an extra sample: from the sample pool, or an idle one of the session
-        pool while a session holds a sample-pool kernel it was swapped; waits (for a reset)
-        but not past a Stop."""
-        while True:
-            if s.cancel.is_set():
-                raise Cancelled
-            with contextlib.suppress(TimeoutError):
-                kernel = pool.lease(timeout=0.25)
-                with self._lock:
-                    self._from_samples.add(id(kernel))
-                return kernel
-            if self._pool is not None:
-                with contextlib.suppress(TimeoutError):
-                    return self._pool.lease(timeout=0)
-
     def export(self, key: str) -> str | None:
         """The session's trajectories as a JSONL file (the collection schema); its path."""
         s = self.sessions.get(key)
@@ -486,12 +444,3 @@ def sqlite_checkpointer(path: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Gradio handlers run in worker threads; SqliteSaver serialises access itself.
     return SqliteSaver(sqlite3.connect(path, check_same_thread=False))
-
-
-def sandbox_help(cfg: ExecutorConfig, e: Exception) -> str:
-    fix = (
-        "start Docker and build the image: `tirforge sandbox build`"
-        if cfg.backend == "docker"
-        else "install bubblewrap (`apt-get install bubblewrap`) or start with `--sandbox none`"
-    )
-    return f"The code sandbox ({cfg.backend}) is unavailable: {e}. To fix: {fix}."

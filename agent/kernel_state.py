@@ -1,9 +1,10 @@
 """What a kernel's namespace holds after a trajectory's cells ran: the code that rebuilds it.
 
 A trajectory that moves to another kernel (a step-search candidate on a shared kernel, a chat
-sample on a kernel of its own) gets its variables back by running these cells again. Replays
-recompute rather than restore: deterministic code gives the same state, unseeded randomness or
-clock reads may not.
+sample on a kernel of its own) gets its variables back by running these cells again -- the
+fallback where the executor cannot fork (``Executor.fork`` carries the state itself, without
+re-running anything). Replays recompute rather than restore: deterministic code gives the same
+state, unseeded randomness or clock reads may not.
 """
 
 from __future__ import annotations

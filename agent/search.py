@@ -13,15 +13,25 @@ is the checkpoint tree of one thread (each resume forks it). The M continuations
 nodes are drawn in one batched backend call (``SamplingParams.n = M``) and handed to the graph
 one by one.
 
-Kernel state: every candidate needs the namespace its own earlier cells built. One kernel is
-shared, and before a candidate runs its first cell the kernel is brought to that candidate's
-state by replaying its earlier cells (after a reset, unless the kernel already holds a prefix
-of them). This is correct for deterministic code and needs one kernel whatever B and M are; it
-costs re-running earlier cells (O(steps) cells per expansion) and replays recompute rather than
-restore: unseeded randomness or wall-clock reads may differ from what the model saw. Cells
-that timed out are not replayed (each replay would wait the full timeout again), so their
-partial side effects are lost; cells before a kernel restart are dropped, as the restart lost
-them too.
+Kernel state: every candidate needs the namespace its own earlier cells built.
+``StepSearchConfig.kernel_state`` picks how it gets it:
+
+- ``fork`` (``auto`` picks it when the executor ``supports_fork``): every node of the tree
+  holds a kernel in its state; a candidate that runs code forks its node's kernel on its first
+  cell (``Executor.fork``: tens of ms, no cell re-run) and its fork becomes its node's kernel.
+  The state is the one the model saw -- random draws, clock reads, timed-out cells' partial
+  effects included. Kernels of nodes that leave the beam are closed after each step; at most
+  B x M + B are alive at once (a kernel and its forks share one sandbox's caps, see
+  ``KernelExecutor.fork``). A fork that fails (its kernel died) falls back to replay for that
+  candidate, on a fork of the root (or the root itself).
+- ``replay``: one kernel is shared, and before a candidate runs its first cell the kernel is
+  brought to that candidate's state by replaying its earlier cells (after a reset, unless the
+  kernel already holds a prefix of them). Correct for deterministic code, one kernel whatever B
+  and M are; it costs re-running earlier cells (O(steps) cells per expansion) and replays
+  recompute rather than restore: unseeded randomness or wall-clock reads may differ from what
+  the model saw. Cells that timed out are not replayed (each replay would wait the full timeout
+  again), so their partial side effects are lost; cells before a kernel restart are dropped, as
+  the restart lost them too.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
@@ -50,7 +61,7 @@ from tirforge.agent.graph import (
 from tirforge.agent.kernel_state import replay_cells
 from tirforge.agent.strategies import Scorer
 from tirforge.executors.base import Executor
-from tirforge.executors.result import ExecutionResult
+from tirforge.executors.result import ExecutionResult, ForkFailed
 from tirforge.trajectories.grading import extract_boxed
 from tirforge.trajectories.schema import Trajectory
 
@@ -85,6 +96,10 @@ class StepSearchConfig:
     dedupe: bool = True
     """Drop a continuation whose text equals a sibling's: identical children would fill the
     beam with one path (with greedy decoding every sibling is a duplicate)."""
+    kernel_state: Literal["auto", "fork", "replay"] = "auto"
+    """How a candidate gets the kernel state of its earlier cells: ``fork`` its node's kernel,
+    ``replay`` the cells on one shared kernel, or ``auto``: fork when the executor
+    ``supports_fork`` (see the module doc)."""
     agent: AgentConfig = field(default_factory=_default_agent)
     """Prompt format, per-trajectory budgets (turns, tokens) and sampling of each turn. Needs
     a temperature above 0 for the M continuations to differ. ``max_time_s`` bounds the
@@ -111,6 +126,10 @@ class SearchResult:
     """Scores of the kept beam after each step, best first."""
     replayed_cells: int = 0
     """Cells re-run to restore kernel state (the price of sharing one kernel)."""
+    kernel_state: str = "replay"
+    """How candidates got their kernel state: ``fork`` or ``replay``."""
+    forks: int = 0
+    """Kernels forked (fork mode: one per candidate that ran code)."""
 
 
 @dataclass
@@ -121,6 +140,9 @@ class _Node:
     done: bool
     traj: Trajectory | None = None
     score: float = 0.0
+    kernel: Any = None
+    """Fork mode: a kernel holding this node's state (its own fork, or its parent's kernel
+    when it ran no code)."""
 
 
 def _fixed(completion: Completion, prefix: str) -> GenerateFn:
@@ -187,6 +209,78 @@ class _CandidateKernel:
         return self.shared.run(code, timeout)
 
 
+class _Forks:
+    """Fork mode: the kernels of the tree's nodes. ``root`` (reset once) holds the empty
+    state and never runs a cell; every other kernel is a fork owned here."""
+
+    def __init__(self, root: Executor):
+        root.reset()
+        self.root = root
+        self.owned: list[Executor] = []
+        # Kernels that left the beam are closed off the search's path; ``close`` waits.
+        self._closer = ThreadPoolExecutor(1, thread_name_prefix="search-fork-close")
+        self.forks = 0
+        self.replay: _SharedKernel | None = None  # fallback once even the root cannot fork
+        self.replayed = 0
+
+    def fork(self, kernel: Executor, cells: list[str]) -> Executor | _SharedKernel:
+        """A kernel in the state of ``cells`` for one candidate: a fork of ``kernel`` (which
+        holds that state), else a fork of the root with ``cells`` replayed, else replay."""
+        try:
+            child = kernel.fork()
+            self.forks += 1
+            self.owned.append(child)
+            return child
+        except ForkFailed:
+            pass
+        if self.replay is None:
+            try:
+                child = self.root.fork()
+                self.forks += 1
+                self.owned.append(child)
+                for code in cells:
+                    child.run(code)
+                    self.replayed += 1
+                return child
+            except ForkFailed:
+                self.replay = _SharedKernel(self.root)
+        self.replay.prepare(cells)
+        return self.replay
+
+    def keep_only(self, kernels: list[Any]) -> None:
+        """Close every owned kernel not in ``kernels`` (nodes that left the beam)."""
+        keep = {id(k) for k in kernels}
+        for k in [k for k in self.owned if id(k) not in keep]:
+            self._closer.submit(k.close)
+        self.owned = [k for k in self.owned if id(k) in keep]
+
+    def close(self) -> None:
+        """Close every fork and wait until all are closed."""
+        self.keep_only([])
+        self._closer.shutdown(wait=True)
+
+
+class _ForkCandidate:
+    """The kernel as one candidate sees it in fork mode: its node's kernel is forked on the
+    candidate's first cell, so candidates that answer without code cost nothing."""
+
+    def __init__(self, forks: _Forks, parent: Executor, cells: list[str]):
+        self.forks, self.parent, self.cells = forks, parent, cells
+        self.kernel: Any = None
+
+    def run(self, code: str, timeout: float | None = None) -> ExecutionResult:
+        if self.kernel is None:
+            self.kernel = self.forks.fork(self.parent, self.cells)
+        return self.kernel.run(code, timeout)
+
+    @property
+    def state(self) -> Any:
+        """The kernel that holds this candidate's state now (a replay kernel is nobody's)."""
+        if isinstance(self.kernel, _SharedKernel):
+            return None
+        return self.kernel if self.kernel is not None else self.parent
+
+
 def _sample(
     backend: Backend, states: list[AgentState], cfg: AgentConfig, m: int, seed: int | None
 ) -> list[list[Completion]]:
@@ -224,8 +318,9 @@ def step_search(
 ) -> SearchResult:
     """Solve ``problem`` by step-level beam search guided by ``scorer``.
 
-    ``kernel`` is one started (or startable) executor, reset and replayed as candidates
-    alternate; None only for formats without code. ``on_step(step, beam)`` sees the kept
+    ``kernel`` is one started (or startable) executor: forked per candidate, or reset and
+    replayed as candidates alternate (``config.kernel_state``); None only for formats without
+    code. ``on_step(step, beam)`` sees the kept
     trajectories (best first, with scores) after each step. Finished trajectories are graded
     against ``reference``; partial ones reach the scorer ungraded.
     """
@@ -235,10 +330,32 @@ def step_search(
         raise ValueError("beam_width and expansions_per_step must be at least 1")
     if cfg.fmt.uses_tools and kernel is None:
         raise ValueError(f"format {cfg.format!r} runs code: give a kernel")
+    if sc.kernel_state not in ("auto", "fork", "replay"):
+        raise ValueError(f"kernel_state must be auto, fork or replay, not {sc.kernel_state!r}")
+    can_fork = bool(getattr(kernel, "supports_fork", False))
+    if sc.kernel_state == "fork" and kernel is not None and not can_fork:
+        raise ValueError(f"kernel_state='fork': {type(kernel).__name__} cannot fork")
+    use_fork = kernel is not None and can_fork and sc.kernel_state != "replay"
     saver = InMemorySaver(serde=JsonPlusSerializer(allowed_msgpack_modules=_SERDE_MODULES))
     graph = compiled_graph("sync", saver)
     thread = uuid.uuid4().hex
-    shared = _SharedKernel(kernel) if kernel is not None else None
+    shared = _SharedKernel(kernel) if kernel is not None and not use_fork else None
+    forks = _Forks(kernel) if use_fork and kernel is not None else None
+    try:
+        return _search(problem, backend, scorer, sc, graph, thread, shared, forks, reference,
+                       problem_id, model_name, on_step)
+    finally:
+        if forks is not None:
+            forks.close()
+
+
+def _search(
+    problem: str, backend: Backend, scorer: Scorer, sc: StepSearchConfig, graph: Any,
+    thread: str, shared: _SharedKernel | None, forks: _Forks | None, reference: str | None,
+    problem_id: str | None, model_name: str,
+    on_step: Callable[[int, list[Trajectory]], None] | None,
+) -> SearchResult:
+    cfg = sc.agent
     name = model_name or getattr(backend, "name", "")
     t0 = time.perf_counter()
 
@@ -253,19 +370,29 @@ def step_search(
             problem_id=problem_id, model_name=name, total_s=time.perf_counter() - t0,
         )
 
-    def run(node_config: dict | None, gen: Any, cells: list[str]) -> _Node:
-        runner = _CandidateKernel(shared, cells) if shared is not None else None
+    def run(node: _Node | None, gen: Any, cells: list[str]) -> _Node:
+        runner: Any = None
+        if shared is not None:
+            runner = _CandidateKernel(shared, cells)
+        elif forks is not None:
+            runner = _ForkCandidate(forks, node.kernel if node else forks.root, cells)
         rc = run_config(cfg, thread)
-        if node_config is not None:  # resume (and so fork) from this node's checkpoint
-            rc["configurable"].update(node_config["configurable"])
+        if node is not None:  # resume (and so fork) from this node's checkpoint
+            rc["configurable"].update(node.config["configurable"])
         ctx = RunContext(agent=cfg, backend=gen, executor=runner)
-        graph.invoke(None if node_config else initial_state(problem, cfg), rc,
+        graph.invoke(None if node else initial_state(problem, cfg), rc,
                      interrupt_before=["generate"], context=ctx)
-        return snapshot()
+        child = snapshot()
+        if isinstance(runner, _ForkCandidate):
+            child.kernel = runner.state
+            if child.kernel is None:  # restored by the replay fallback: fork or replay again
+                child.kernel = forks.root if forks is not None else None
+        return child
 
     # The root: the decomposition turn (formats that have one), paused before generating.
     beam = [run(None, backend, [])]
-    result = SearchResult(best=trajectory(beam[0]), finished=[])
+    result = SearchResult(best=trajectory(beam[0]), finished=[],
+                          kernel_state="fork" if forks is not None else "replay")
     if beam[0].done:
         beam[0].traj = result.best
         result.finished.append(result.best)
@@ -296,7 +423,7 @@ def step_search(
                     continue
                 seen.add(c.text)
                 cells = replay_cells(node.state["steps"])
-                children.append(run(node.config, _fixed(c, prefix), cells))
+                children.append(run(node, _fixed(c, prefix), cells))
         for child in children:
             child.traj = trajectory(child)
         scores = scorer.score([c.traj for c in children]) if children else []
@@ -309,10 +436,15 @@ def step_search(
         beam = sorted(pool, key=lambda n: -n.score)[: sc.beam_width]
         result.steps += 1
         result.beam_scores.append([n.score for n in beam])
+        if forks is not None:  # kernels of nodes that left the beam are not needed again
+            forks.keep_only([n.kernel for n in beam])
         if on_step is not None:
             on_step(result.steps, [n.traj for n in beam if n.traj is not None])
     if shared is not None:
         result.replayed_cells = shared.replayed
+    if forks is not None:
+        result.forks = forks.forks
+        result.replayed_cells = forks.replayed + (forks.replay.replayed if forks.replay else 0)
     if result.finished:
         result.best = max(result.finished, key=lambda t: t.score or 0.0)
     elif beam[0].traj is not None:  # budget out before anything finished: best partial

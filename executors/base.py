@@ -37,6 +37,18 @@ class Executor(Protocol):
     def close(self) -> None:
         """Stop the kernel and release everything it held. Safe to call twice."""
 
+    @property
+    def supports_fork(self) -> bool:
+        """``fork()`` works on this executor (False: restore state by replaying cells)."""
+        return False
+
+    def fork(self) -> Executor:
+        """A new executor whose kernel holds this one's state now (namespace, modules, files),
+        without re-running cells; both go on independently. Raises ``ForkFailed``
+        (``tirforge.executors.result``) when the kernel cannot be forked, NotImplementedError
+        where the backend cannot fork at all (``supports_fork`` is False)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork a kernel")
+
 
 class AsyncExecutor:
     """asyncio face of any Executor: each call runs in a worker thread.
@@ -67,6 +79,17 @@ class AsyncExecutor:
     async def reset(self) -> bool:
         async with self._lock:
             return await self._call(self.executor.reset)
+
+    @property
+    def supports_fork(self) -> bool:
+        """The wrapped executor can ``fork()``."""
+        return bool(getattr(self.executor, "supports_fork", False))
+
+    async def fork(self) -> AsyncExecutor:
+        """``Executor.fork`` of the wrapped kernel, wrapped the same way."""
+        async with self._lock:
+            child = await self._call(self.executor.fork)
+        return AsyncExecutor(child, self._threads)
 
     async def close(self) -> None:
         await self._call(self.executor.close)

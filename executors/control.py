@@ -12,8 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: The fork server's source, run as ``python -c SOURCE CONFIG_JSON`` inside the sandbox.
-FORKSERVER_SOURCE = (Path(__file__).with_name("forkserver.py")).read_text()
+#: The fork server's source, run as ``python -c SOURCE CONFIG_JSON`` inside the sandbox: the
+#: kernel's half first (definitions only), then the server, whose last line starts it.
+FORKSERVER_SOURCE = "\n".join(
+    (Path(__file__).with_name(name)).read_text()
+    for name in ("forkserver_kernel.py", "forkserver.py")
+)
 CTL_NAME = "ctl"
 
 

@@ -28,7 +28,6 @@ import contextlib
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import uuid
 from typing import Any
@@ -42,8 +41,10 @@ from tirforge.executors.config import ExecutorConfig
 from tirforge.executors.kernel import KernelExecutor
 from tirforge.executors.result import SandboxUnavailable
 from tirforge.executors.sandbox_image import docker_client
+from tirforge.executors.tempdirs import owned_temp_dir
 
 LABEL = "tirforge.executor"
+FORKS_DIR = "/forks"  # a tmpfs in the container holding one work dir per fork
 # Numeric, so the image needs no passwd entry; Debian and python:*-slim call it nobody.
 SANDBOX_UID = 65534
 _SOCK_PREFIX = "tirforge-ipc-"
@@ -146,7 +147,8 @@ class DockerKernelExecutor(KernelExecutor):
     # -- KernelExecutor hooks ----------------------------------------------------------------
     def _launch(self) -> None:
         client = self._docker()
-        self._sock_dir = tempfile.mkdtemp(prefix=_SOCK_PREFIX)
+        self._sock_dir = owned_temp_dir(_SOCK_PREFIX)  # pid-named: see executors.tempdirs
+        self._forks_dir = FORKS_DIR
         user = self._prepare_sock_dir()
         c = self.config
         mb = f"{c.memory_mb}m"
@@ -166,6 +168,8 @@ class DockerKernelExecutor(KernelExecutor):
             tmpfs={
                 self.workdir: f"size={c.max_file_mb}m,mode=1777,nosuid,nodev,noexec",
                 "/tmp": "size=64m,mode=1777,nosuid,nodev,noexec",
+                # One work dir per fork of the kernel (see KernelExecutor.fork).
+                FORKS_DIR: f"size={c.max_file_mb}m,mode=1777,nosuid,nodev,noexec",
             },
             volumes={self._sock_dir: {"bind": self._sock_dir, "mode": "rw"}},
             mem_limit=mb,
@@ -206,6 +210,26 @@ class DockerKernelExecutor(KernelExecutor):
             self.container = None
         _remove_sock_dir(self._sock_dir)
         self._sock_dir = None
+
+    def _detach(self) -> None:
+        super()._detach()
+        self.container, self._client = None, None  # the remaining members close them
+        self.workdir = DockerKernelExecutor.workdir
+
+    def _scale_caps(self, kernels: int) -> None:
+        if self.container is None:
+            return
+        # docker-py's update() has no pids limit: post the Engine API's update directly.
+        api = self.container.client.api
+        mem = self.config.memory_mb * kernels * 2**20
+        data = {"Memory": mem, "MemorySwap": mem, "PidsLimit": self.config.max_processes * kernels}
+        with contextlib.suppress(docker.errors.APIError, OSError):  # caps stay as they were
+            res = api._post_json(api._url("/containers/{0}/update", self.container.id), data=data)
+            api._raise_for_status(res)
+
+    def _adopt_fork(self, child: KernelExecutor) -> None:
+        assert isinstance(child, DockerKernelExecutor)
+        _open_executors.add(child)
 
     def _sandbox_alive(self) -> bool:
         if self.container is None:
@@ -262,8 +286,8 @@ class DockerKernelExecutor(KernelExecutor):
         until it is locked again."""
         assert self._sock_dir is not None
         os.chmod(conn_file, 0o600)  # holds the HMAC key
-        if os.geteuid() == 0:
-            for path in (self._sock_dir, conn_file):
+        if os.geteuid() == 0:  # the kernel's socket dir: the sandbox's, or a fork's below it
+            for path in {self._sock_dir, os.path.dirname(conn_file), conn_file}:
                 os.chown(path, SANDBOX_UID, SANDBOX_UID)
         os.chmod(self._sock_dir, 0o700)
 

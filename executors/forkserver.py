@@ -13,12 +13,28 @@ Protocol: the host connects once to the unix socket ``cfg["ctl"]`` (the listener
 after that one connection, so no cell can connect later) and sends one JSON object per line;
 each gets one JSON reply line:
 
-- ``{"op": "spawn", "conn": path, "wipe": bool}``: kill everything of the previous kernel
-  (and, if ``wipe``, empty the ``cfg["wipe"]`` dirs), then fork a kernel reading its
-  connection file at ``path``. Reply ``{"pid": n}``.
-- ``{"op": "status"}``: ``{"alive": bool, "signal": n|null, "code": n|null, "oom_kills": n|null}``
-  (how the kernel ended, and the OOM-kill counter of the cgroup if this process can read it).
+- ``{"op": "spawn", "slot": n, "conn": path, "wipe": bool, "workdir": dir}``: kill everything
+  in the sandbox (and, if ``wipe``, empty the ``cfg["wipe"]`` dirs and ``cfg["forks"]``), then
+  fork a kernel for ``slot`` (0: the sandbox's own kernel) working in ``workdir`` and reading
+  its connection file at ``path``. Reply ``{"pid": n}``. The host spawns only when no other
+  slot of the sandbox is in use.
+- ``{"op": "adopt", "slot": n, "pid": p, "workdir": dir}``: ``p`` is a fork of a live kernel
+  (``_tirforge_fork.fork`` below; it is this process's child once its middle process exited):
+  serve it as ``slot``. ``{"pid": p}``.
+- ``{"op": "kill", "slot": n}``: kill that slot's kernel with its process tree and every
+  process no slot owns (daemons reparented here), and empty its work dir. ``{"killed": n}``.
+- ``{"op": "status", "slot": n}``: ``{"alive": bool, "signal": n|null, "code": n|null,
+  "oom_kills": n|null}`` (how the slot's kernel ended, and the OOM-kill counter of the cgroup if
+  this process can read it).
 - ``{"op": "clean"}``: kill every descendant and wipe ``cfg["wipe"]`` dirs. ``{"killed": n}``.
+
+Forks (``forkserver_kernel.py``): every kernel registers a module ``_tirforge_fork`` whose
+``fork(conn, src, dst)``, run by the host as a silent cell, copies the work dir ``src`` to
+``dst``, then ``os.fork()``s twice (the middle process exits, so the fork is reparented to this
+subreaper and outlives its parent); the fork drops the parent's kernel server without touching
+it (no ZMQ object of the parent is used after the fork), builds a new one on the connection
+file ``conn`` around the *same* IPython shell (namespace, modules, execution count), and serves
+it on a new asyncio loop.
 
 Killing "everything": this process is a child subreaper (PR_SET_CHILD_SUBREAPER), so
 double-forked daemons reparent to it rather than escaping to init; it kills every descendant
@@ -47,7 +63,8 @@ _WARM_MODULES = (
 )
 
 
-def _descendants(pid):
+def _descendants(pid, stop=()):
+    """Every process below ``pid``, not entering the subtrees of the pids in ``stop``."""
     found = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -60,7 +77,8 @@ def _descendants(pid):
         except OSError:
             kids = []
         for kid in kids:
-            found += [kid, *_descendants(kid)]
+            if kid not in stop:
+                found += [kid, *_descendants(kid, stop)]
     return found
 
 
@@ -101,8 +119,9 @@ def _wipe(path, keep):
 class Server:
     def __init__(self, cfg, libc):
         self.cfg, self.libc = cfg, libc
-        self.kernel = None  # pid of the current kernel
-        self.ended = None  # its wait status once reaped
+        self.kernels = {}  # slot -> pid of its kernel
+        self.workdirs = {}  # slot -> its work dir
+        self.ended = {}  # pid -> wait status, once reaped (any child of this process)
 
     def reap(self):
         while True:
@@ -112,8 +131,10 @@ class Server:
                 return
             if pid == 0:
                 return
-            if pid == self.kernel:
-                self.ended = st
+            if len(self.ended) > 256:  # statuses of long-gone processes
+                for old in [p for p in self.ended if p not in self.kernels.values()][:128]:
+                    del self.ended[old]
+            self.ended[pid] = st
 
     def clean(self, wipe=True):
         killed = 0
@@ -134,16 +155,47 @@ class Server:
                 break
             killed += len(pids)
             time.sleep(0.002)
-        self.kernel = None
+        self.kernels.clear()
         keep = [os.path.dirname(self.cfg["ctl"]), *self.cfg.get("wipe", [])]
-        for path in self.cfg.get("wipe", []) if wipe else []:
-            _wipe(path, keep)
+        dirs = [*self.cfg.get("wipe", []), self.cfg.get("forks")] if wipe else []
+        for path in dirs:
+            if path:
+                _wipe(path, keep)
         return {"killed": killed}
 
-    def status(self):
+    def kill(self, slot):
+        """Kill one slot's kernel tree and every process no slot owns; others live on."""
+        pid = self.kernels.pop(slot, None)
+        owned = set(self.kernels.values())
+        killed = 0
+        for _ in range(200):
+            roots = [pid] if pid is not None else []
+            roots += [c for c in _children(os.getpid()) if c not in owned and c != pid]
+            pids = [p for r in roots for p in (r, *_descendants(r, owned))]
+            pids = [p for p in pids if p not in owned and p not in self.ended]
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.reap()
+            if not pids:
+                break
+            killed += len(pids)
+            time.sleep(0.002)
+        workdir = self.workdirs.pop(slot, None)
+        if workdir:
+            keep = [os.path.dirname(self.cfg["ctl"]), self.cfg.get("forks") or ""]
+            _wipe(workdir, keep)
+            if slot != 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return {"killed": killed}
+
+    def status(self, slot=0):
         self.reap()
-        st = self.ended
-        alive = self.kernel is not None and st is None
+        pid = self.kernels.get(slot)
+        st = self.ended.get(pid) if pid is not None else None
+        alive = pid is not None and st is None
         return {
             "alive": alive,
             "signal": os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else None,
@@ -151,99 +203,42 @@ class Server:
             "oom_kills": _oom_kills(),
         }
 
-    def spawn(self, conn_file, wipe, ctl_fds):
+    def spawn(self, conn_file, wipe, ctl_fds, slot=0, workdir=None):
         self.clean(wipe)
-        self.ended = None
+        workdir = workdir or self.cfg["workdir"]
+        os.makedirs(workdir, exist_ok=True)
         pid = os.fork()
         if pid == 0:
             try:
                 for fd in ctl_fds:
                     os.close(fd)
-                _become_kernel(self.cfg, conn_file, self.libc)
+                # Defined in forkserver_kernel.py, which precedes this file in the source.
+                _become_kernel(self.cfg, conn_file, self.libc, workdir)  # noqa: F821
             finally:
                 os._exit(70)
-        self.kernel = pid
+        self.kernels[slot], self.workdirs[slot] = pid, workdir
+        return {"pid": pid}
+
+    def adopt(self, slot, pid, workdir):
+        # While its middle process exits, the fork moves from its children to ours: a /proc walk
+        # can miss it for that moment, so look again briefly before saying no.
+        for _ in range(100):
+            self.reap()
+            if pid in self.ended or pid in _descendants(os.getpid()):
+                break
+            time.sleep(0.002)
+        else:
+            raise RuntimeError(f"process {pid} is not a kernel of this sandbox")
+        self.kernels[slot], self.workdirs[slot] = pid, workdir
         return {"pid": pid}
 
 
-def _become_kernel(cfg, conn_file, libc):
-    os.setsid()  # own process group: a cell's killpg(0) does not reach the server
-    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:  # under memory pressure the OOM killer takes a kernel, not the template
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("500")
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(k) for k in f.read().split()]
     except OSError:
-        pass
-    gc.unfreeze()
-    os.chdir(cfg["workdir"])
-    from ipykernel.kernelapp import IPKernelApp
-
-    app = IPKernelApp.instance()
-    app.initialize(["-f", conn_file, *cfg["kernel_args"]])
-    _cap_output(app, cfg["max_output_chars"])
-    app.start()
-
-
-class _StreamCap:
-    """Per cell: pass the first ``cap`` characters through, keep only the last ``cap // 2``
-    of the rest in memory, and write them with a marker when the cell ends. A flood is cut
-    where it is produced, so neither the kernel nor the host ever holds it."""
-
-    def __init__(self, stream, cap):
-        self.stream, self.write_through = stream, stream.write
-        self.cap, self.half = cap, max(cap // 2, 1)
-        self.reset()
-
-    def reset(self, *args):
-        self.passed, self.dropped, self.tail = 0, 0, ""
-
-    def write(self, text):
-        if not isinstance(text, str):
-            return self.write_through(text)
-        n = len(text)
-        if self.passed < self.cap:
-            take = text[: self.cap - self.passed]
-            self.passed += len(take)
-            self.write_through(take)
-            text = text[len(take) :]
-        if text:
-            self.tail = (self.tail + text[-self.half :])[-self.half :]
-            self.dropped += len(text)
-        return n
-
-    def flush_tail(self, *args):
-        if self.dropped:
-            kept = len(self.tail)
-            self.write_through(f"\n...[truncated {self.dropped - kept} chars]...\n{self.tail}")
-        self.reset()
-
-
-def _cap_text(data, cap):
-    text = data.get("text/plain") if isinstance(data, dict) else None
-    if isinstance(text, str) and len(text) > cap:
-        half = cap // 2
-        data = {**data, "text/plain": f"{text[:half]}\n...[truncated {len(text) - 2 * half} "
-                f"chars]...\n{text[-half:]}"}
-    return data
-
-
-def _cap_output(app, cap):
-    shell = app.shell
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        capped = _StreamCap(stream, cap)
-        stream.write = capped.write
-        shell.events.register("pre_run_cell", capped.reset)
-        shell.events.register("post_run_cell", capped.flush_tail)
-    publish = shell.display_pub.publish
-    shell.display_pub.publish = lambda data, *a, **kw: publish(_cap_text(data, cap), *a, **kw)
-    hook = shell.displayhook
-    write_format = hook.write_format_data
-    hook.write_format_data = lambda data, *a, **kw: write_format(_cap_text(data, cap), *a, **kw)
+        return []
 
 
 def main():
@@ -278,9 +273,14 @@ def main():
         op = req.get("op")
         try:
             if op == "spawn":
-                reply = server.spawn(req["conn"], req.get("wipe", True), (conn.fileno(),))
+                reply = server.spawn(req["conn"], req.get("wipe", True), (conn.fileno(),),
+                                     req.get("slot", 0), req.get("workdir"))
+            elif op == "adopt":
+                reply = server.adopt(req["slot"], req["pid"], req["workdir"])
+            elif op == "kill":
+                reply = server.kill(req["slot"])
             elif op == "status":
-                reply = server.status()
+                reply = server.status(req.get("slot", 0))
             elif op == "clean":
                 reply = server.clean()
             else:

@@ -14,40 +14,23 @@ import dataclasses
 import json
 import os
 import queue
-import secrets
 import time
 from typing import Any
 
 from jupyter_client import BlockingKernelClient
 
 from tirforge.executors.config import ExecutorConfig
+from tirforge.executors.connection import SOCKETS, kernel_client, write_connection_file
 from tirforge.executors.control import CTL_NAME, FORKSERVER_SOURCE, Control, ControlLost
 from tirforge.executors.faults import classify
+from tirforge.executors.fork import ForkingKernel, SharedSandbox
 from tirforge.executors.result import ExecutionResult, SandboxUnavailable, strip_ansi
 
-# Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file).
-KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False"]
-SOCKETS = ("k-1", "k-2", "k-3", "k-4", "k-5")  # ipc endpoints: "{ip}-{port}" for ports 1..5
-
-
-def write_connection_file(sock_dir: str) -> tuple[str, dict[str, Any]]:
-    """A connection file for ipc transport in ``sock_dir``, always with a random HMAC key."""
-    info: dict[str, Any] = {
-        "transport": "ipc",
-        "ip": os.path.join(sock_dir, "k"),
-        "shell_port": 1,
-        "iopub_port": 2,
-        "stdin_port": 3,
-        "control_port": 4,
-        "hb_port": 5,
-        "key": secrets.token_hex(32),
-        "signature_scheme": "hmac-sha256",
-        "kernel_name": "python3",
-    }
-    path = os.path.join(sock_dir, "kernel.json")
-    with open(path, "w") as f:
-        json.dump(info, f)
-    return path, info
+# Arguments for ipykernel: in-memory history (parallel kernels don't lock one sqlite file); no
+# tip in the banner (IPython >= 8.2x picks it with the global `random` on every kernel_info,
+# which would move a cell's random state -- a fork's first handshake included).
+KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:", "--HistoryManager.enabled=False",
+               "--InteractiveShell.enable_tip=False"]
 
 
 _TRUNCATED = "\n...[truncated "  # the marker of _Capped and of the kernel's own caps
@@ -76,18 +59,24 @@ class _Capped:
         return f"{self.head}\n...[truncated {self.dropped} chars]...\n{self.tail}"
 
 
-class KernelExecutor:
+class KernelExecutor(ForkingKernel):
     """Base class: one stateful kernel. Subclasses provide the sandbox (see module doc).
 
     The sandbox's main process is a fork server (``forkserver.py``) holding a warm, pre-imported
     interpreter. Every kernel is a fresh fork of it; ``reset`` kills the old kernel with every
     process, thread and file it left and forks a new one, so no state crosses a reset.
+
+    ``fork()`` branches a live kernel: a new executor whose kernel is an ``os.fork()`` of this
+    one inside the same sandbox (see ``fork``). A kernel and its forks are members of one
+    sandbox; the sandbox ends when the last member is closed or leaves it.
     """
 
     #: Where cells start (and what ``reset`` empties); set by the subclass in ``_launch``.
     workdir: str | None = None
     #: Private dir of the kernel's ipc sockets and the fork server's control socket.
     _sock_dir: str | None = None
+    #: Where forks' work dirs go (inside the sandbox), one dir per fork; set in ``_launch``.
+    _forks_dir: str | None = None
 
     def __init__(self, config: ExecutorConfig | None = None, **overrides: Any):
         self.config = dataclasses.replace(config or ExecutorConfig(), **overrides)
@@ -95,6 +84,9 @@ class KernelExecutor:
         self._ctl: Control | None = None
         self._spawns = 0  # kernels forked in this executor's life (the first wipes nothing)
         self._oom_base: int | None = None  # OOM kills counted before the current cell
+        self._box: SharedSandbox | None = None  # the sandbox this kernel shares with its forks
+        self._slot = 0  # this kernel's slot in it
+        self._ipc_dir: str | None = None  # a fork's own socket dir (None: ``_sock_dir``)
 
     # -- what a backend provides ---------------------------------------------------------
     def _launch(self) -> None:
@@ -136,6 +128,7 @@ class KernelExecutor:
             "ctl": os.path.join(self._sock_dir, CTL_NAME),
             "workdir": self.workdir,
             "wipe": self._wipe_dirs(),
+            "forks": self._forks_dir,
             "pidns": self._private_pids(),
             "preload": self.config.preload,
             "kernel_args": KERNEL_ARGS,
@@ -169,34 +162,46 @@ class KernelExecutor:
         deadline = time.monotonic() + self.config.startup_timeout
         path = os.path.join(self._sock_dir, CTL_NAME)
         self._ctl = Control.connect(path, deadline, self._sandbox_alive)
+        self._box = SharedSandbox(self._ctl)
+        self._box.members.add(self)
+        self._slot, self._ipc_dir = 0, None
+
+    @property
+    def _ipc(self) -> str:
+        """This kernel's socket dir: the sandbox's, or a fork's own below it."""
+        d = self._ipc_dir or self._sock_dir
+        assert d is not None
+        return d
 
     def _fresh_kernel(self) -> None:
         """Kill the current kernel (and all it left), fork a new one, connect, preload."""
-        assert self._ctl is not None and self._sock_dir is not None
+        assert self._ctl is not None and self._box is not None
         self._disconnect()
         for name in SOCKETS:  # so that waiting for them waits for the *new* kernel
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self._sock_dir, name))
-        conn_file, info = write_connection_file(self._sock_dir)
-        self._unlock_sock_dir(conn_file)
-        self._ctl.call("spawn", conn=conn_file, wipe=self._spawns > 0)
-        self._spawns += 1
-        try:
-            self._wait_for_sockets()
-            self._connect(info)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(conn_file)
-            self._lock_sock_dir()
+                os.remove(os.path.join(self._ipc, name))
+        conn_file, info = write_connection_file(self._ipc)
+        with self._box.lock:
+            self._unlock_sock_dir(conn_file)
+            self._ctl.call("spawn", conn=conn_file, wipe=self._spawns > 0, slot=self._slot,
+                           workdir=self.workdir)
+            self._spawns += 1
+            try:
+                self._wait_for_sockets()
+                self._connect(info)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(conn_file)
+                self._lock_sock_dir()
         status = self._status()
         self._oom_base = self._oom_kills(status) if status else None
         self._preload()
 
     def _wait_for_sockets(self) -> None:
-        assert self._sock_dir is not None
+        ipc = self._ipc
         deadline = time.monotonic() + self.config.startup_timeout
         next_check = time.monotonic() + 0.1
-        while not all(os.path.exists(os.path.join(self._sock_dir, s)) for s in SOCKETS):
+        while not all(os.path.exists(os.path.join(ipc, s)) for s in SOCKETS):
             now = time.monotonic()
             if now > deadline:
                 raise TimeoutError(f"kernel did not open its sockets within "
@@ -208,10 +213,7 @@ class KernelExecutor:
             time.sleep(0.002)
 
     def _connect(self, info: dict[str, Any]) -> None:
-        kc = BlockingKernelClient()
-        kc.load_connection_info(info)
-        kc.start_channels()
-        self.kc = kc
+        self.kc = kernel_client(info)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -258,10 +260,9 @@ class KernelExecutor:
             self.kc = None
 
     def _full_restart(self) -> None:
-        """Kill the whole sandbox and start a new one (the slow path, ~1 s)."""
-        self._disconnect()
-        self._close_ctl()
-        self._kill()
+        """Kill the whole sandbox and start a new one (the slow path, ~1 s). A sandbox that
+        other members (forks) still use is left to them, and this kernel starts its own."""
+        self._leave_sandbox()
         self._start_sandbox()
         self._fresh_kernel()
 
@@ -285,6 +286,11 @@ class KernelExecutor:
         if self._ctl is None:
             self.start()
             return False
+        if self._box is not None and len(self._box.members) > 1:
+            # Forks share the sandbox (its /tmp, its caps): a kernel that forgets everything
+            # leaves them their sandbox and starts one of its own.
+            self._full_restart()
+            return True
         try:
             self._fresh_kernel()
             return False
@@ -296,7 +302,7 @@ class KernelExecutor:
         if self._ctl is None:
             return None
         try:
-            return self._ctl.call("status", timeout=10.0)
+            return self._ctl.call("status", timeout=10.0, slot=self._slot)
         except (ControlLost, RuntimeError):
             return None
 
@@ -308,11 +314,10 @@ class KernelExecutor:
         return self.kc is not None and self._process_alive()
 
     def close(self) -> None:
-        """Stop the kernel and remove everything it used. Safe to call twice."""
-        self._disconnect()
-        self._close_ctl()
+        """Stop the kernel and remove everything it used (its sandbox too, unless forks still
+        use it). Safe to call twice."""
         try:
-            self._kill()
+            self._leave_sandbox()
         finally:
             self._cleanup()
 

@@ -39,6 +39,7 @@ ENV_ALLOWLIST = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
 # reserve address space that RLIMIT_AS counts.
 _THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TMP_MB = 64  # size of the private /tmp (as the Docker backend's)
+FORKS_DIR = "/forks"  # inside bwrap: a tmpfs holding one work dir per fork of the kernel
 # bwrap --die-with-parent ties the sandbox to the *thread* that forked it (PR_SET_PDEATHSIG):
 # a kernel started from a short-lived worker thread would be killed when that thread ends.
 # So every kernel is forked from this one thread, which lives as long as the process.
@@ -109,6 +110,21 @@ class KernelCgroup:
             cls(dirs).remove()
             return None
         return cls(dirs) if dirs else None
+
+    def scale(self, memory_mb: int, max_pids: int) -> None:
+        """New caps for the whole cgroup (a kernel and its forks share it)."""
+        with contextlib.suppress(OSError):
+            if "memory" in self.dirs:
+                mem = str(memory_mb * 2**20)
+                v2 = os.path.exists(os.path.join(self.dirs["memory"], "memory.max"))
+                if v2:
+                    _write(self.dirs["memory"], "memory.max", mem)
+                else:  # v1: memsw may not be below the limit, so raise it first
+                    with contextlib.suppress(OSError):
+                        _write(self.dirs["memory"], "memory.memsw.limit_in_bytes", mem)
+                    _write(self.dirs["memory"], "memory.limit_in_bytes", mem)
+            if "pids" in self.dirs:
+                _write(self.dirs["pids"], "pids.max", str(max_pids))
 
     def join_prefix(self) -> list[str]:
         """A command prefix that moves the process into the cgroup before exec."""
@@ -197,6 +213,7 @@ class LocalKernelExecutor(KernelExecutor):
         self.sandbox = "bwrap" if mode == "auto" else mode
         self.proc: subprocess.Popen | None = None
         self._cgroup: KernelCgroup | None = None
+        self._forks_on_host = False  # without bwrap, forks' work dirs are a host temp dir
 
     @property
     def cwd(self) -> str | None:
@@ -213,6 +230,10 @@ class LocalKernelExecutor(KernelExecutor):
         shm = "/dev/shm" if self._cgroup and "memory" in self._cgroup.dirs else None
         self._sock_dir = owned_temp_dir("tirforge-ipc-", shm)
         os.chmod(self._sock_dir, 0o700)
+        # Forks' work dirs: a sized tmpfs inside bwrap; a host temp dir without it.
+        self._forks_on_host = self.sandbox != "bwrap"
+        self._forks_dir = (owned_temp_dir("tirforge-forks-") if self._forks_on_host
+                           else FORKS_DIR)
         env = {**self.env, "PYTHONDONTWRITEBYTECODE": "1"}
         env.setdefault("PATH", os.defpath)
         if self.sandbox == "bwrap":
@@ -273,6 +294,7 @@ class LocalKernelExecutor(KernelExecutor):
         else:  # the caller's dir: theirs to see
             args += ["--bind", self.workdir, self.workdir]
         args += ["--bind", self._sock_dir, self._sock_dir]
+        args += ["--size", str(self.config.max_file_mb * 2**20), "--tmpfs", FORKS_DIR]
         args += ["--remount-ro", "/", "--chdir", self.workdir, "--"]
         return args
 
@@ -294,6 +316,23 @@ class LocalKernelExecutor(KernelExecutor):
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
+        if self._forks_on_host and self._forks_dir is not None:
+            shutil.rmtree(self._forks_dir, ignore_errors=True)
+        self._forks_dir = None
+
+    def _detach(self) -> None:
+        super()._detach()
+        self.proc, self._cgroup = None, None
+        if self._slot != 0:  # a fork's work dir was its parent sandbox's: take a new one
+            self.workdir, self._own_cwd = None, True
+
+    def _scale_caps(self, kernels: int) -> None:
+        if self._cgroup is not None:
+            self._cgroup.scale(self.config.memory_mb * kernels, self.config.max_processes * kernels)
+
+    def _adopt_fork(self, child: KernelExecutor) -> None:
+        assert isinstance(child, LocalKernelExecutor)
+        child._own_cwd = False  # inside the sandbox (or the forks dir): not ours to delete
 
     def _reap(self) -> None:
         if self.proc is not None:

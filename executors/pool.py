@@ -6,6 +6,12 @@ and a fresh kernel forked from the sandbox's warm template (~0.1 s; see ``kernel
 before anyone else gets it, so trajectories never see each other. ``spare`` extra kernels
 cover those 0.1 s: a worker that returns a kernel and leases the next one at once gets a
 ready spare instead of waiting for the reset.
+
+Forks (``KernelPool.fork``): a fork of a leased kernel is a lease of its own, bounded by
+``max_forks`` and given back with ``release`` like any kernel -- but it is closed there, not
+reset for reuse: it lives in its parent's sandbox, which must not be shared with the next
+trajectory. A leased kernel whose forks are still out is reset into a sandbox of its own when
+it comes back (the slow path, ~1 s), for the same reason.
 """
 
 from __future__ import annotations
@@ -52,12 +58,14 @@ class KernelPool:
         size: int | None = None,
         spare: int | None = None,
         factory: Callable[[ExecutorConfig], Executor] = make_executor,
+        max_forks: int | None = None,
     ):
         """``size``: kernels leased at once at most (default ``config.pool_size``); ``spare``:
         extra warm kernels resetting while others are handed out. Leases stay instant while
         ``spare >= size * reset time / time a trajectory holds its kernel``; the default
         ``max(2, size // 8)`` covers trajectories of >= 1.6 s at a 0.2 s reset (measured in
-        docs/benchmarks.md); raise it for short trajectories."""
+        docs/benchmarks.md); raise it for short trajectories. ``max_forks``: forks out at once
+        at most (``fork``; default ``4 * size``)."""
         self.config = config or ExecutorConfig()
         self.size = size if size is not None else self.config.pool_size
         if self.size < 1:
@@ -66,6 +74,11 @@ class KernelPool:
         if self.spare < 0:
             raise ValueError("spare must be >= 0")
         self._leases = threading.BoundedSemaphore(self.size)
+        self.max_forks = max_forks if max_forks is not None else 4 * self.size
+        if self.max_forks < 0:
+            raise ValueError("max_forks must be >= 0")
+        self._fork_leases = threading.BoundedSemaphore(max(self.max_forks, 1))
+        self._forks: dict[int, Executor] = {}  # forks out now, by id
         self.factory = factory
         self._idle: queue.Queue[Executor] = queue.Queue()
         self._all: list[Executor] = []
@@ -104,7 +117,9 @@ class KernelPool:
             self._closed = True
             kernels, self._all = self._all, []
         self._resetter.shutdown(wait=True, cancel_futures=True)
-        for k in kernels:
+        with self._lock:
+            forks, self._forks = list(self._forks.values()), {}
+        for k in [*forks, *kernels]:
             with contextlib.suppress(Exception):
                 k.close()
         atexit.unregister(self.close)
@@ -163,8 +178,45 @@ class KernelPool:
             k.restart()
         return k
 
+    @property
+    def forks(self) -> int:
+        """Forks out now (``fork``)."""
+        return len(self._forks)
+
+    def fork(self, kernel: Executor, timeout: float | None = None) -> Executor:
+        """A fork of ``kernel`` (a kernel leased from this pool, or a fork of one): its state
+        now, without re-running cells (``Executor.fork``). Counts as a lease of its own: waits
+        up to ``timeout`` seconds while ``max_forks`` are out (TimeoutError), and goes back
+        with ``release``, which closes it. Raises ``ForkFailed`` if the kernel cannot fork,
+        NotImplementedError if its backend cannot fork at all, PoolClosed."""
+        if self._closed:
+            raise PoolClosed("pool is closed")
+        if not getattr(kernel, "supports_fork", False):
+            raise NotImplementedError(f"{type(kernel).__name__} cannot fork")
+        if self.max_forks == 0 or not self._fork_leases.acquire(timeout=timeout):
+            raise TimeoutError(f"no fork free within {timeout}s ({self.max_forks} out)")
+        try:
+            child = kernel.fork()
+        except BaseException:
+            self._fork_leases.release()
+            raise
+        with self._lock:
+            self._forks[id(child)] = child
+        return child
+
     def release(self, kernel: Executor) -> None:
-        """Give a kernel back; it is reset in the background, then leased again."""
+        """Give a kernel back; it is reset in the background, then leased again (a fork is
+        closed instead)."""
+        with self._lock:
+            fork = self._forks.pop(id(kernel), None)
+        if fork is not None:
+            self._fork_leases.release()
+            try:  # closed off the caller's path
+                self._resetter.submit(fork.close)
+            except RuntimeError:  # the pool is closing: close it here
+                with contextlib.suppress(Exception):
+                    fork.close()
+            return
         self._leases.release()
         if self._closed:
             with contextlib.suppress(Exception):

@@ -51,6 +51,16 @@ class SandboxUnavailable(RuntimeError):
     says how to get it. ``run`` reports it as ``fault="sandbox_unavailable"``."""
 
 
+class ForkFailed(RuntimeError):
+    """``Executor.fork()`` could not branch the kernel. ``fault`` says why, as a cell's would:
+    ``"kernel_died"`` (the kernel to fork is dead) or ``"start_failed"`` (the fork did not
+    come up). Callers fall back to replaying cells."""
+
+    def __init__(self, message: str, fault: Fault = "start_failed"):
+        super().__init__(message)
+        self.fault: Fault = fault
+
+
 class ExecutionResult(BaseModel):
     """The outcome of one cell in a kernel."""
 

@@ -101,7 +101,8 @@ def test_follow_ups_see_the_chosen_samples_variables(server, strategy, kept):
 
 
 def pools_whole(server: ChatServer, timeout: float = 20) -> None:
-    pools = [server._pool, server._sample_pool]
+    # (The sample pool starts only where samples cannot fork the session kernel.)
+    pools = [p for p in (server._pool, server._sample_pool) if p is not None]
     deadline = time.monotonic() + timeout
     # Whole: every kernel the pool keeps (its leases and its spares) is back and reset.
     while any(p.idle < p.capacity for p in pools) and time.monotonic() < deadline:
@@ -115,9 +116,10 @@ def test_samples_of_a_follow_up_start_from_the_conversations_variables(server):
     ask(server, key, "Now recall it", strategy="majority", n=3)
     s = server.sessions[key]
     assert len(s.samples) == 3
-    # Samples 2 and 3 ran on fresh kernels that replayed `secret = 41` first.
+    # Samples 2 and 3 ran on forks of the session kernel, which holds `secret = 41`.
     assert [t.steps[0].execution.stdout.strip() for t in s.samples] == ["True"] * 3
     assert any("secret = 41" in c for c in s.kernel_cells)
+    assert server._sample_pool is None  # forks: no second pool was needed
 
 
 def test_export_and_reload_have_the_chosen_trajectory(server):

@@ -81,7 +81,9 @@ def test_container_is_locked_down(kernel, client, monkeypatch):
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["Init"] is True
     assert host["Privileged"] is False
-    assert set(host["Tmpfs"]) == {"/work", "/tmp"} and "size=16m" in host["Tmpfs"]["/work"]
+    # /forks: the work dirs of the kernel's forks (KernelExecutor.fork), sized like /work.
+    assert set(host["Tmpfs"]) == {"/work", "/tmp", "/forks"}
+    assert "size=16m" in host["Tmpfs"]["/work"] and "size=16m" in host["Tmpfs"]["/forks"]
     assert cfg["User"] == ("65534:65534" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}")
     # The only host path inside is the kernel's own socket dir.
     assert [m["Source"] for m in attrs["Mounts"]] == [k._sock_dir]

@@ -31,6 +31,19 @@ def test_unsandboxed_basics(k):
     assert r.timed_out and k.run("2 + 2").result == "4"
 
 
+def test_unsandboxed_fork_has_a_host_work_dir_of_its_own(k):
+    k.run("import os\nopen('f.txt', 'w').write('parent')\nv = 3")
+    f = k.fork()
+    try:
+        cwd = f.run("os.getcwd()").result.strip("'")
+        assert cwd != k.cwd and Path(cwd, "f.txt").read_text() == "parent"  # a host dir
+        f.run("open('f.txt', 'w').write('fork')")
+        assert Path(k.cwd, "f.txt").read_text() == "parent" and f.run("v").result == "3"
+    finally:
+        f.close()
+    assert not Path(cwd).exists()  # the fork's dir went with it
+
+
 def test_kernel_runs_this_interpreter(k):
     assert k.is_alive()
     assert k.run("import sys; sys.executable").result == repr(sys.executable)

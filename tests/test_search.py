@@ -71,15 +71,21 @@ def test_search_follows_the_scorer(kernel, beam):
     assert best.score == max(t.score for t in res.finished)
 
 
-def test_the_other_scorer_flips_the_result(kernel):
-    res, _ = search(kernel, Prefers("13"), beam_width=2, expansions_per_step=2)
+@pytest.mark.parametrize("state", ["replay", "fork"])
+def test_the_other_scorer_flips_the_result(kernel, state):
+    res, _ = search(kernel, Prefers("13"), beam_width=2, expansions_per_step=2,
+                    kernel_state=state)
     assert res.best.steps[0].text == ADD and res.best.final_answer == "13"
     assert res.best.steps[1].output.strip() == "x = 13"
     assert res.best.verdict == "incorrect"
     # Both beams finished with both answers: four finished candidates, all graded.
     assert sorted(t.final_answer for t in res.finished) == ["13", "13", "42", "42"]
     assert {t.verdict for t in res.finished} == {"correct", "incorrect"}
-    assert res.replayed_cells > 0  # siblings shared one kernel through replays
+    assert res.kernel_state == state
+    if state == "replay":
+        assert res.replayed_cells > 0 and res.forks == 0  # siblings shared one kernel
+    else:  # every candidate that ran code forked its node's kernel; nothing was re-run
+        assert res.replayed_cells == 0 and res.forks == 4
 
 
 def test_partial_trajectories_reach_the_scorer(kernel):
