@@ -56,7 +56,8 @@ def logged(kernel, pid: str, turns: list[str], reference: str | None = "42") -> 
 
 def run(trajs, script, cache, k=3, fork=False, settings_turns=3, **kw):
     """Rollout targets with a replay policy on a pool of real kernels; also the continuations."""
-    factory = (lambda c: Forking(make_executor(c))) if fork else make_executor
+    factory = (lambda c: Forking(make_executor(c))) if fork else (
+        lambda c: NoFork(make_executor(c)))
     seen: dict[tuple[int, int], Trajectory] = {}
     backend = ReplayBackend(script)
     with KernelPool(EXEC, size=2, spare=0, factory=factory) as pool:
@@ -97,28 +98,16 @@ def test_targets_are_the_share_correct_among_k_continuations(kernel, tmp_path):
 
 
 class Forking:
-    """A real kernel with the ``fork()`` interface (issue 24): the fork is a new kernel brought
-    to this one's state by running the same cells (exact for deterministic code); counts forks."""
+    """A real kernel whose real ``fork()`` (issue 24) is counted, and each fork's close seen."""
 
     supports_fork = True
     forks: list[Forking] = []
 
     def __init__(self, inner):
-        self.inner, self.cells, self.closed = inner, [], False
-
-    def run(self, code, timeout=None):
-        self.cells.append(code)
-        return self.inner.run(code, timeout)
-
-    def reset(self):
-        self.cells = []
-        return self.inner.reset()
+        self.inner, self.closed = inner, False
 
     def fork(self):
-        kid = Forking(make_executor(self.inner.config))
-        kid.start()
-        for c in self.cells:
-            kid.run(c)
+        kid = Forking(self.inner.fork())
         Forking.forks.append(kid)
         return kid
 
@@ -126,7 +115,19 @@ class Forking:
         self.closed = True
         self.inner.close()
 
-    def __getattr__(self, name):  # start, restart, interrupt, is_alive, config
+    def __getattr__(self, name):  # run, reset, start, restart, interrupt, is_alive, config
+        return getattr(self.inner, name)
+
+
+class NoFork:
+    """A real kernel that says it cannot fork: the replay path."""
+
+    supports_fork = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
