@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray  # the [ray] extra, part of [dev]: a missing Ray fails here, it is never skipped
+from ray._private import utils as ray_utils  # the address file path (see the fixture)
 from ray.cluster_utils import Cluster
 
 from tirforge.agent.graph import AgentConfig
@@ -47,6 +48,9 @@ def turns(sleep: float) -> list[str]:
 def cluster():
     """A head and a second node, 1 CPU each, logs under a private temp dir; torn down whole."""
     temp = tempfile.mkdtemp(prefix="tfray-")  # short: Ray's socket paths must fit 107 bytes
+    # Ray writes the head's address to <system temp>/ray/ray_current_cluster whatever temp_dir
+    # says, and does not create that folder (a fresh machine has none).
+    os.makedirs(os.path.dirname(ray_utils.get_ray_address_file(None)), exist_ok=True)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 150 * 2**20, "include_dashboard": False,
         "temp_dir": temp})

@@ -306,7 +306,7 @@ data, cache = sys.argv[1:]
 pool = KernelPool(ExecutorConfig(backend="local", timeout=10), size=2, spare=0).start()
 pool.install_signal_handlers()
 rollout_targets(read_jsonl(data), Stuck({"a:1#0": ["So \\\\boxed{42}."]}), pool,
-                RolloutSettings(k=1, max_turns=2, concurrency=2), cache)
+                RolloutSettings(k=1, max_turns=2, concurrency=1), cache)  # a, then b
 """
 
 
@@ -326,7 +326,8 @@ def test_a_killed_run_resumes_from_its_cache(kernel, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not (cache.exists() and cache.read_bytes().count(b"\n") >= 1):
-            assert child.poll() is None and time.monotonic() < deadline, "child ended early"
+            assert child.poll() is None, f"child ended early ({child.returncode})"
+            assert time.monotonic() < deadline, "a's rollout never reached the cache"
             time.sleep(0.2)
         child.send_signal(signal.SIGTERM)  # mid-run: b's rollout is still going
         child.wait(60)
