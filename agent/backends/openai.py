@@ -24,6 +24,7 @@ asked again without them, and from then on never. What a server does not return 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -81,6 +82,7 @@ class OpenAIBackend:
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.token_info = token_info
         self._ids_prompt = token_in
+        self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_concurrency, thread_name_prefix="openai")
         self.model = model or self._retry(lambda: self.client.models.list().data[0].id)
         self.template = None
@@ -220,8 +222,9 @@ class OpenAIBackend:
 
     def _text_prompts(self, why: Exception) -> None:
         """The server takes text prompts only: send text from now on, and say so once."""
-        if self._ids_prompt:
-            self._ids_prompt = False
+        with self._lock:  # concurrent requests all find out: one warning
+            first, self._ids_prompt = self._ids_prompt, False
+        if first:
             logger.warning(
                 "%s rejected a token-id prompt (%s): sending text prompts from now on; the "
                 "server re-tokenises earlier turns, so trajectories are not token-faithful "
