@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tirforge.training import rollout_batch
 from tirforge.training.config import TrainConfig, load_tokenizer
@@ -96,7 +96,7 @@ class GRPOTrainConfig(TrainConfig):
     use_vllm: bool = False
     """Generate the rollouts with TRL's vLLM engine (weights synced from the policy every step;
     needs vLLM, a CUDA GPU for the sync): the agent's model calls go there, token in."""
-    vllm_mode: str = "colocate"
+    vllm_mode: Literal["colocate", "server"] = "colocate"
     """colocate (an engine inside each training process) or server (``vllm serve`` on other
     GPUs, see README "GRPO at scale")."""
     vllm_server_base_url: str | None = None
