@@ -18,10 +18,10 @@ on first use and kept (its HTTP connections and thread pool are reused every ste
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
-_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ATTR = "_tirforge_backend"
+"""Where the backend is kept: on TRL's ``VLLMGeneration``, so it lives as long as the engine."""
 
 
 def uses_vllm(trainer: Any) -> bool:
@@ -48,7 +48,7 @@ def trainer_backend(trainer: Any, max_concurrency: int = 64) -> Any:
     if not uses_vllm(trainer):
         raise ValueError("the trainer does not generate with vLLM (use_vllm=False)")
     gen = trainer.vllm_generation
-    backend = _BACKENDS.get(gen)
+    backend = getattr(gen, _ATTR, None)
     if backend is not None:
         return backend
     tok = trainer.processing_class
@@ -68,5 +68,5 @@ def trainer_backend(trainer: Any, max_concurrency: int = 64) -> Any:
                                 max_concurrency=max_concurrency)
     else:
         raise ValueError(f"unknown vllm_mode {gen.mode!r}")
-    _BACKENDS[gen] = backend
+    setattr(gen, _ATTR, backend)
     return backend
