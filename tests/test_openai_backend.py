@@ -151,3 +151,39 @@ def test_streaming_gives_the_same_text_in_chunks(server, model_path):
         assert len(chunks) > 1, endpoint  # really streamed, not one chunk at the end
         assert "".join(chunks) == streamed.text == plain.text, endpoint
         assert streamed.finish_reason == plain.finish_reason
+
+
+def test_text_only_server_falls_back_once_and_rollouts_are_marked(server, model_path, caplog):
+    """``transformers serve`` rejects a token-id prompt (400): the backend sends text from then
+    on with one warning for the whole concurrent batch, and the GRPO rollouts it produced are
+    marked not token-faithful, so their logprobs do not reach the trainer."""
+    from tirforge.agent.pipelines.rollout import agent_rollout, prompt_key
+    from tirforge.executors import ExecutorConfig
+    from tirforge.executors.pool import KernelPool
+    from tirforge.training import rollout_batch
+
+    remote = OpenAIBackend(server, model=model_path, tokenizer=model_path, max_concurrency=3)
+    local = TransformersBackend(model_path, device="cpu")
+    assert remote.token_in
+    params = SamplingParams(max_new_tokens=6)
+    with caplog.at_level("WARNING", logger="tirforge.agent.backends.openai"):
+        got = remote.generate(reqs(), params)
+    assert not remote.token_in
+    assert sum("rejected a token-id prompt" in r.message for r in caplog.records) == 1
+    assert [c.text for c in got] == [c.text for c in local.generate(reqs(), params)]
+
+    cfg = AgentConfig(format="qwen-cot", sampling=SamplingParams(max_new_tokens=6))
+    prompt = cfg.fmt.build_messages("What is 2+2?", hint=cfg.tool_hint)
+    with KernelPool(ExecutorConfig(backend="local", sandbox="auto"), size=1) as pool:
+        rollout = agent_rollout(cfg, pool, {prompt_key(prompt): {"problem": "What is 2+2?",
+                                                                 "reference": "4"}},
+                                backend_factory=lambda model, tok: remote)
+        trajs = rollout([prompt, prompt], None, local.tokenizer)
+    assert [t.sampling["token_in"] for t in trajs] == [False, False]
+    for t in trajs:  # sampled ids stand in for logprobs a text-only server does not give
+        for s in t.steps:
+            s.logprobs = [-1.0] * len(s.token_ids or [0])
+            s.token_ids = s.token_ids or local.tokenizer(s.text)["input_ids"]
+    out, stats = rollout_batch.rollout_batch(trajs, local.tokenizer, 256)
+    assert stats["tir/text_prompt_rollouts"] == 2
+    assert out["logprobs"] is None  # none passed on (with token in they would be)

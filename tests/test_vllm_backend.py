@@ -240,8 +240,10 @@ def server(model_path, tmp_path_factory):
            "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs"]
     t0 = time.perf_counter()
     with log.open("w") as out:
+        # Dev mode: TRL's server mode reads /server_info (logprobs mode) at trainer start.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                     "VLLM_SERVER_DEV_MODE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -330,3 +332,53 @@ class TestServe:
         (traj,) = read_jsonl(out)
         assert len(traj.steps) == 2
         assert "396" in (traj.steps[0].output or "")
+
+    def test_token_id_prompts_reach_the_server_verbatim(self, remote, hf):
+        """An earlier turn whose sampled ids re-encode differently (one id per character)
+        reaches the server as those ids: its echo of the prompt is ``prompt_ids`` of the
+        pieces, not the tokenisation of the same text, and greedy decoding continues exactly as
+        the (token-in) transformers backend does from the same ids."""
+        from tirforge.trajectories.tokens import encode, head_text, prompt_ids
+
+        tok = hf.tokenizer
+        turn = "Let me compute.\n```python\nprint(17 * 23 + 5)\n```"
+        spelled = [i for ch in turn for i in tok(ch, add_special_tokens=False)["input_ids"]]
+        out = "\n```output\n396\n```\n"
+        pieces = [(turn, spelled), (out, None)]
+        req = Request(messages=FMT.build_messages(PROBLEMS[0]), prefix=turn + out,
+                      pieces=pieces)
+        want_ids = prompt_ids(req.messages, pieces, req.prefix, tok)
+        as_text = encode(tok, head_text(req.messages, tok) + req.prefix)
+        assert want_ids != as_text and len(want_ids) > len(as_text)
+        params = SamplingParams(max_new_tokens=24)
+        assert remote.token_in
+        (got,) = remote.generate([req], params)
+        assert got.extra["prompt_token_ids"] == want_ids
+        assert_same_tokens([got], hf.generate([req], params))
+        # The same request as text is what the server re-tokenises: other ids.
+        from tirforge.agent.backends.openai import OpenAIBackend
+
+        text = OpenAIBackend(remote.base_url, model=remote.model, tokenizer=tok, token_in=False)
+        try:
+            (plain,) = text.generate([req], params)
+        finally:
+            text.close()
+        assert not text.token_in and plain.extra["prompt_token_ids"] != want_ids
+
+    def test_grpo_step_in_trl_server_mode(self, server, model_path, tmp_path, monkeypatch):
+        """TRL ``vllm_mode="server"`` against this ``vllm serve``: the rollouts' model calls
+        go to the server as token-id prompts and its sampled logprobs reach TRL's correction
+        (weight sync and NCCL setup replaced by test doubles: see tests/test_grpo_vllm.py)."""
+        from tests.test_grpo_vllm import assert_faithful_step, grpo_step, step_config
+        from tirforge.agent.backends.openai import OpenAIBackend
+        from tirforge.agent.backends.trainer_engine import trainer_backend
+
+        base = server.removesuffix("/v1")
+        trainer, trajs, sync = grpo_step(
+            step_config(tmp_path, model_path, vllm_mode="server", vllm_server_base_url=base),
+            monkeypatch)
+        assert sync.steps == [0]
+        backend = trainer_backend(trainer)
+        assert isinstance(backend, OpenAIBackend) and backend.base_url == server
+        assert backend.token_in
+        assert_faithful_step(trainer, trajs)

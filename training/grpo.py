@@ -24,9 +24,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tirforge.training import rollout_batch
 from tirforge.training.config import TrainConfig, load_tokenizer
@@ -37,7 +38,9 @@ from tirforge.trajectories.tokens import assert_prefix_property
 logger = logging.getLogger(__name__)
 
 Rollout = Callable[[list[list[dict]], Any, Any], list[Trajectory]]
-"""(prompts as chat messages, live policy model, tokenizer) -> one trajectory per prompt."""
+"""(prompts as chat messages, live policy, tokenizer) -> one trajectory per prompt. The live
+policy is the unwrapped model, or what the rollout's optional ``live_policy(trainer)`` attribute
+returns (``agent_rollout``: the trainer's vLLM engine as an agent backend under ``use_vllm``)."""
 
 
 @dataclass
@@ -90,6 +93,22 @@ class GRPOTrainConfig(TrainConfig):
     ids (``trajectories.tokens.assert_prefix_property``); costs one tokenisation per turn."""
     sequential_rollouts: bool = False
     """Roll out one trajectory at a time on one kernel (the old path; benchmarks' baseline)."""
+    use_vllm: bool = False
+    """Generate the rollouts with TRL's vLLM engine (weights synced from the policy every step;
+    needs vLLM, a CUDA GPU for the sync): the agent's model calls go there, token in."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """colocate (an engine inside each training process) or server (``vllm serve`` on other
+    GPUs, see README "GRPO at scale")."""
+    vllm_server_base_url: str | None = None
+    """Server mode: the server's URL (None: ``http://0.0.0.0:8000``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Colocate mode: the share of GPU memory the engine takes (the rest trains)."""
+    vllm_max_model_length: int | None = None
+    """Colocate mode: the engine's context length (None: the model's)."""
+    vllm_enable_sleep_mode: bool = False
+    """Colocate mode: free the engine's memory while training (woken for each step's rollouts)."""
+    vllm_importance_sampling_correction: bool = True
+    """Correct for the engine/trainer mismatch with the sampled tokens' logprobs (TRL's TIS)."""
 
 
 def load_problems(path: str | Path, make_prompt: Callable[[str], list[dict]] | None = None):
@@ -126,15 +145,31 @@ def rollout_example(traj: Trajectory, tokenizer, cfg: GRPOTrainConfig) -> dict[s
 def make_rollout_func(rollout: Rollout, cfg: GRPOTrainConfig):
     """Adapt a ``Rollout`` to TRL's ``rollout_func(prompts, trainer) -> dict`` (keys:
     prompt_ids, completion_ids, logprobs, env_mask, trajectory, excluded); logs the step's
-    ``tir/*`` statistics (``rollout_batch.batch_stats``) with TRL's own metrics."""
+    ``tir/*`` statistics (``rollout_batch.batch_stats``) with TRL's own metrics.
+
+    The rollout's second argument is the live policy: ``rollout.live_policy(trainer)`` when the
+    rollout has that attribute (``agent_rollout``'s gives the trainer's vLLM engine under
+    ``use_vllm``), else the unwrapped model. Under ``use_vllm`` the engine is woken for the
+    rollouts in sleep mode, server-mode ranks wait until the main process has pushed the
+    weights, and ``logprobs`` is always a list (None where unknown: TRL's importance-sampling
+    ratio is then 1 there)."""
+    warned: list[bool] = []
 
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         model = trainer.accelerator.unwrap_model(trainer.model)
+        vllm = getattr(trainer, "use_vllm", False)
+        live_policy = getattr(rollout, "live_policy", None)
+        if vllm and live_policy is None and not warned:
+            warned.append(True)
+            logger.warning("use_vllm is on but the rollout samples from the model it is given "
+                           "(no live_policy): the vLLM engine is not used for rollouts")
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
         try:
-            trajs = rollout(prompts, model, trainer.processing_class)
+            with _engine_awake(trainer):
+                policy = live_policy(trainer) if live_policy is not None else model
+                trajs = rollout(prompts, policy, trainer.processing_class)
         finally:
             model.train(was_training)
         if len(trajs) != len(prompts):
@@ -142,6 +177,8 @@ def make_rollout_func(rollout: Rollout, cfg: GRPOTrainConfig):
         out, stats = rollout_batch.rollout_batch(
             trajs, trainer.processing_class, cfg.max_completion_length, cfg.style,
             cfg.filter_void_turns)
+        if vllm and out["logprobs"] is None:  # TRL subtracts them: NaN (ratio 1), not None
+            out["logprobs"] = [[None] * len(c) for c in out["completion_ids"]]
         stats["tir/rollout_s"] = time.perf_counter() - t0
         if cfg.check_prefix_property:
             for t in trajs:
@@ -150,6 +187,31 @@ def make_rollout_func(rollout: Rollout, cfg: GRPOTrainConfig):
         return out
 
     return rollout_func
+
+
+@contextmanager
+def _engine_awake(trainer):
+    """TRL's vLLM engine ready for a ``rollout_func``'s requests: TRL has synced the weights
+    (``_generate`` does it before calling us); in server mode every rank waits for the main
+    process to finish pushing them, and in colocate sleep mode the engine's weights and KV
+    cache are woken and put back to sleep afterwards, as TRL's own ``generate`` does."""
+    gen = getattr(trainer, "vllm_generation", None)
+    if not getattr(trainer, "use_vllm", False) or gen is None:
+        yield
+        return
+    if gen.mode == "server":
+        trainer.accelerator.wait_for_everyone()
+    sleeping = gen.mode == "colocate" and gen.enable_sleep_mode
+    if sleeping:
+        if gen._llm_weights_sleeping:
+            gen.sync_weights()
+        gen.llm.wake_up(tags=["kv_cache"])
+    try:
+        yield
+    finally:
+        if sleeping:
+            gen.llm.sleep(level=2)
+            gen._llm_weights_sleeping = True
 
 
 def _log(trainer, stats: dict[str, float], mode: str) -> None:
@@ -193,6 +255,17 @@ def rm_reward(scorer, alpha: float):
     return rm_shaping
 
 
+def vllm_kwargs(cfg: GRPOTrainConfig) -> dict[str, Any]:
+    """The ``GRPOConfig`` fields of TRL's vLLM generation (none without ``use_vllm``)."""
+    if not cfg.use_vllm:
+        return {}
+    if cfg.vllm_mode not in ("colocate", "server"):
+        raise ValueError(f"vllm_mode must be colocate or server, not {cfg.vllm_mode!r}")
+    names = ("vllm_mode vllm_server_base_url vllm_gpu_memory_utilization vllm_max_model_length "
+             "vllm_enable_sleep_mode vllm_importance_sampling_correction").split()
+    return {"use_vllm": True, **{n: getattr(cfg, n) for n in names}}
+
+
 def make_trainer(cfg: GRPOTrainConfig, rollout: Rollout, problems: list[dict], scorer=None):
     """A TRL GRPOTrainer whose generations are ``rollout``'s multi-turn trajectories."""
     import os
@@ -215,6 +288,7 @@ def make_trainer(cfg: GRPOTrainConfig, rollout: Rollout, problems: list[dict], s
         max_completion_length=cfg.max_completion_length,
         beta=cfg.beta,
         temperature=cfg.temperature,
+        **vllm_kwargs(cfg),
     )
     return GRPOTrainer(
         model=cfg.model,

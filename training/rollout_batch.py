@@ -9,6 +9,9 @@ executor / feedback text, tokenised once. ``logprobs`` are the sampled tokens' l
 recorded without ids (older files, backends that do not report them) fall back to
 ``training.masking`` (re-tokenised text, end-of-turn token labelled).
 
+A rollout whose model calls went out as text (``token_faithful`` False: a server without
+token-id prompts) keeps its sampled ids but not its logprobs.
+
 A rollout is *excluded* (no reward, no gradient: ``env_mask`` all 0 and every reward function
 returns None, which TRL 0.2x+/1.x treats as unscorable: out of the group mean and std, advantage
 0) when its kernel hit an infrastructure fault (``"infra"``), or, with ``filter_void_turns``, when
@@ -51,6 +54,14 @@ def exclusion(traj: Trajectory, filter_void_turns: bool) -> str | None:
     if filter_void_turns and any(is_void(s) for s in traj.steps):
         return "void"
     return None
+
+
+def token_faithful(traj: Trajectory) -> bool:
+    """False when the model saw earlier turns as re-tokenised text, not their sampled ids
+    (``sampling["token_in"] = False``, set by ``agent.pipelines.rollout`` for a server that
+    takes text prompts only): its sampled logprobs were conditioned on other ids than the
+    trainer's token stream, so they are not passed on (TRL's importance ratio is 1 there)."""
+    return traj.sampling.get("token_in", True) is not False
 
 
 def rollout_example(traj: Trajectory, tokenizer, max_completion_length: int,
@@ -102,9 +113,11 @@ def rollout_batch(trajs: list[Trajectory], tokenizer, max_completion_length: int
     otherwise (``tir/*`` keys, logged by ``training.grpo``)."""
     rows = [rollout_example(t, tokenizer, max_completion_length, style) for t in trajs]
     excluded = [exclusion(t, filter_void_turns) for t in trajs]
-    for row, why in zip(rows, excluded, strict=True):
+    for row, why, t in zip(rows, excluded, trajs, strict=True):
         if why is not None:  # no gradient: not one token of it is scored
             row["env_mask"] = [0] * len(row["env_mask"])
+        if not token_faithful(t):  # sampled under another tokenisation of the same text
+            row["logprobs"] = [None] * len(row["logprobs"])
     have_lp = any(lp is not None for r in rows for lp in r["logprobs"])
     out: dict[str, list] = {
         "prompt_ids": [r["prompt_ids"] for r in rows],
@@ -136,4 +149,5 @@ def batch_stats(trajs: list[Trajectory], rows: list[dict], excluded: list[str | 
         "tir/excluded": float(sum(e is not None for e in excluded)),
         "tir/masked_fraction": n_masked / max(1, n_completion),
         "tir/retokenised_turns": float(sum(r["retokenised"] for r in rows)),
+        "tir/text_prompt_rollouts": float(sum(not token_faithful(t) for t in trajs)),
     }

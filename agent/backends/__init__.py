@@ -1,4 +1,5 @@
-"""Model backends behind one interface: transformers (default), vllm, openai-compatible servers."""
+"""Model backends behind one interface: transformers (default), vllm, openai-compatible servers;
+``trainer_engine.trainer_backend`` wraps a TRL GRPOTrainer's own vLLM engine (``use_vllm``)."""
 
 from __future__ import annotations
 

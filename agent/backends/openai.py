@@ -1,10 +1,17 @@
 """OpenAI-compatible server backend: ``vllm serve``, ``transformers serve``, SGLang, ...
 
 Multi-turn TIR needs the model to continue the assistant's text *exactly*. The completions
-endpoint does that: we render the chat template here (with the model's tokenizer) and send
-template + prefix as a raw prompt. Without a tokenizer, or on a server without completions, the
-chat endpoint is used with the prefix as a final assistant message that the server is asked to
-continue (``continue_final_message``, honoured by vLLM and SGLang).
+endpoint does that: we render the chat template here (with the model's tokenizer) and send the
+prompt as token ids (``trajectories.tokens.prompt_ids``: the earlier turns' sampled ids verbatim
+from ``Request.pieces``, the text between them tokenised once), so the server continues from the
+very ids the trainer will see (token in, token out; vLLM, SGLang and TRL's server accept a list
+of ids as ``prompt``). A server that rejects an id prompt (400 / 422 where the same text prompt
+is accepted) gets template + prefix as text from then on, with one logged warning, and the
+backend reports ``token_in = False``: its trajectories are not token-faithful (the server
+re-tokenised the earlier turns), which ``agent.pipelines.rollout`` records per trajectory for
+the trainer. Without a tokenizer, or on a server without completions, the chat endpoint is used
+with the prefix as a final assistant message that the server is asked to continue
+(``continue_final_message``, honoured by vLLM and SGLang); that is text in as well.
 
 Requests of one batch are sent concurrently (at most ``max_concurrency`` at a time); transient
 failures (connection refused, timeouts, 429, 5xx) are retried with exponential backoff.
@@ -16,6 +23,8 @@ asked again without them, and from then on never. What a server does not return 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -23,8 +32,13 @@ from typing import Any, Literal
 import openai
 
 from tirforge.agent.backends.base import Completion, Request, SamplingParams
+from tirforge.trajectories.tokens import prompt_ids
+
+logger = logging.getLogger(__name__)
 
 Endpoint = Literal["auto", "completions", "chat"]
+_REJECTED = (openai.BadRequestError, openai.UnprocessableEntityError)
+"""What a server answers to a request field it does not take."""
 _TRANSIENT = (
     openai.APIConnectionError,  # includes APITimeoutError
     openai.RateLimitError,
@@ -49,32 +63,45 @@ class OpenAIBackend:
         model: str | None = None,
         *,
         api_key: str | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | Any | None = None,
         endpoint: Endpoint = "auto",
         max_concurrency: int = 16,
         max_retries: int = 4,
         backoff_s: float = 0.5,
         timeout_s: float = 300.0,
         token_info: bool = True,
+        token_in: bool = True,
     ):
         """``model``: the served model name (None: the server's first model). ``tokenizer``: a
-        local path or id whose chat template matches the served model (None: try ``model``);
-        needed for the completions endpoint. ``token_info``: ask for token ids and
-        log-probabilities (False: never)."""
+        local path or id whose chat template matches the served model, or a loaded tokenizer
+        (None: try ``model``); needed for the completions endpoint. ``token_info``: ask for
+        token ids and log-probabilities (False: never). ``token_in``: send completions prompts
+        as token ids (False: as text, e.g. for a server that re-tokenises anyway)."""
         self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s
         )
         self.base_url, self.endpoint = base_url, endpoint
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.token_info = token_info
+        self._ids_prompt = token_in
+        self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_concurrency, thread_name_prefix="openai")
         self.model = model or self._retry(lambda: self.client.models.list().data[0].id)
-        self.template = self._load_template(tokenizer or self.model) if endpoint != "chat" else None
+        self.template = None
+        if endpoint != "chat":
+            self.template = (self._load_template(tokenizer or self.model)
+                             if tokenizer is None or isinstance(tokenizer, str) else tokenizer)
         if endpoint == "completions" and self.template is None:
             raise ValueError(
                 f"the completions endpoint needs the chat template: pass tokenizer= (a local "
                 f"path or hub id of {self.model!r}'s tokenizer)"
             )
+
+    @property
+    def token_in(self) -> bool:
+        """True while prompts go to the server as token ids (earlier turns' sampled ids
+        verbatim); False on the chat endpoint or after a server rejected an id prompt."""
+        return self.template is not None and self._ids_prompt
 
     @staticmethod
     def _load_template(name: str) -> Any:
@@ -135,9 +162,12 @@ class OpenAIBackend:
             extra = {**(more.pop("extra_body", None) or {}), "return_token_ids": True}
             try:
                 return call(**info, extra_body=extra, **more)
-            except (openai.BadRequestError, openai.UnprocessableEntityError):
+            except _REJECTED:
+                # Only when the plain request goes through were the fields the cause (a prompt
+                # over the context length is rejected either way, and raises here).
+                out = call(**more)
                 self.token_info = False  # other threads may already be asking again
-                return call(**more)
+                return out
 
         return asking
 
@@ -162,9 +192,22 @@ class OpenAIBackend:
         head = self.template.apply_chat_template(
             req.messages, add_generation_prompt=True, tokenize=False
         )
+        text = head + req.prefix
+
+        def create(prompt: Any, more: dict):
+            return self.client.completions.create(model=self.model, prompt=prompt, **kw, **more)
+
         def plain(**more):
-            return self.client.completions.create(
-                model=self.model, prompt=head + req.prefix, **kw, **more)
+            if not self._ids_prompt:
+                return create(text, more)
+            # Token in: the earlier turns' sampled ids verbatim, not a re-tokenisation of text.
+            ids = prompt_ids(req.messages, req.pieces, req.prefix, self.template)
+            try:
+                return create(ids, more)
+            except _REJECTED as e:
+                out = create(text, more)  # raises as well when the ids were not the cause
+                self._text_prompts(e)
+                return out
 
         call = self._with_info(plain, chat=False)
         if req.on_text is not None:
@@ -172,8 +215,22 @@ class OpenAIBackend:
         r = self._retry(call)
         choice = r.choices[0]
         n = r.usage.completion_tokens if r.usage else 0
-        return self._finish(req, choice.text, choice.finish_reason, n,
+        done = self._finish(req, choice.text, choice.finish_reason, n,
                             *_token_info(choice, chat=False))
+        echo = getattr(choice, "prompt_token_ids", None)  # vLLM, with return_token_ids
+        if echo is not None:
+            done.extra["prompt_token_ids"] = list(echo)
+        return done
+
+    def _text_prompts(self, why: Exception) -> None:
+        """The server takes text prompts only: send text from now on, and say so once."""
+        with self._lock:  # concurrent requests all find out: one warning
+            first, self._ids_prompt = self._ids_prompt, False
+        if first:
+            logger.warning(
+                "%s rejected a token-id prompt (%s): sending text prompts from now on; the "
+                "server re-tokenises earlier turns, so trajectories are not token-faithful "
+                "(marked sampling['token_in'] = False)", self.base_url, why)
 
     def _streamed(self, req: Request, call, text_of, chat: bool) -> Completion:
         """Server-sent chunks go to ``req.on_text`` as they arrive (token events). Only

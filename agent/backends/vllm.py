@@ -85,7 +85,7 @@ class VLLMBackend:
             engine_kwargs.setdefault("enforce_eager", True)
         else:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.llm = vllm.LLM(
+        llm = vllm.LLM(
             model=model_path, dtype=dtype, enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             # Log-probabilities of the distribution tokens are sampled from (after temperature
@@ -93,16 +93,38 @@ class VLLMBackend:
             logprobs_mode="processed_logprobs",
             **engine_kwargs,
         )
-        self.engine = self.llm.llm_engine
-        self.tokenizer = self.llm.get_tokenizer()
+        self._attach(llm, model_path, owned=True)
+
+    def _attach(self, llm: Any, model_path: str, owned: bool) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.tokenizer = llm.get_tokenizer()
         self.model_path = model_path
+        self.owned = owned
         self._ids = itertools.count()
         # generate() steps the engine itself: two concurrent calls would take each other's outputs.
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_llm(cls, llm: Any, model_path: str = "", tokenizer: Any = None) -> VLLMBackend:
+        """A backend over an engine someone else built and owns (TRL's colocated
+        ``vllm_generation.llm``, whose weights the trainer syncs each step): ``close`` leaves it
+        running. ``tokenizer`` replaces the engine's (e.g. the trainer's, with its chat
+        template). Log-probabilities are what the engine's ``logprobs_mode`` says (TRL builds
+        it with ``processed_logprobs``, as ``__init__`` does)."""
+        self = cls.__new__(cls)
+        self._vllm = import_vllm()
+        self.on_cpu = on_cpu(self._vllm)
+        self._attach(llm, model_path, owned=False)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        return self
+
     def close(self) -> None:
-        """Stop the engine core process and its workers (frees the GPU for training)."""
-        self.engine.engine_core.shutdown()
+        """Stop the engine core process and its workers (frees the GPU for training); an
+        engine from ``from_llm`` is left to its owner."""
+        if self.owned:
+            self.engine.engine_core.shutdown()
 
     def render(self, req: Request) -> str:
         head = self.tokenizer.apply_chat_template(

@@ -7,6 +7,10 @@ step. Given one ``Executor`` instead of a pool, rollouts run one at a time on it
 them (the old path, kept as the benchmarks' baseline). ``training.grpo`` turns the trajectories
 into token-faithful completions and rewards.
 
+With TRL's ``use_vllm`` (colocate or server) the agent's model calls go to the trainer's own
+vLLM engine, whose weights TRL syncs every step (``trainer_policy``,
+``agent.backends.trainer_engine``); otherwise to the live model through transformers.
+
 Users call it from their own TRL scripts::
 
     rollout = agent_rollout(AgentConfig(max_turns=4), pool, problem_of)
@@ -32,10 +36,39 @@ ProblemRow = str | Mapping[str, Any]
 
 
 def live_backend(model: Any, tokenizer: Any) -> Any:
-    """The agent's transformers backend around the policy being trained (no reload per step)."""
+    """The agent backend of the live policy: ``model`` itself when it already is one (the
+    trainer's vLLM engine, ``trainer_policy``), else the transformers backend around the model
+    being trained (no reload per step)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module) and callable(getattr(model, "generate", None)):
+        return model  # an agent Backend
     from tirforge.agent.backends.hf import TransformersBackend
 
     return TransformersBackend.from_model(model, tokenizer)
+
+
+def trainer_policy(trainer: Any) -> Any:
+    """What a rollout samples from during training: the agent backend over the trainer's vLLM
+    engine when TRL's ``use_vllm`` is on (``agent.backends.trainer_engine``: colocate or
+    server, weights synced by TRL every step), else the unwrapped policy model (transformers).
+    ``training.grpo.make_rollout_func`` calls it through the ``live_policy`` attribute of the
+    rollouts ``agent_rollout`` makes."""
+    from tirforge.agent.backends.trainer_engine import trainer_backend, uses_vllm
+
+    if uses_vllm(trainer):
+        return trainer_backend(trainer)
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def mark_token_in(trajs: list[Trajectory], backend: Any) -> None:
+    """Record on each trajectory whether its prompts reached the model as token ids
+    (``sampling["token_in"]``): False when the backend re-sent earlier turns as text (an
+    OpenAI-compatible server without id prompts), so the trainer's token stream is not what
+    the model was conditioned on (``training.rollout_batch`` then drops its logprobs)."""
+    token_in = bool(getattr(backend, "token_in", True))
+    for t in trajs:
+        t.sampling["token_in"] = token_in
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -60,7 +93,8 @@ def failed_rollout(row: ProblemRow, messages: list[dict], error: BaseException) 
 def agent_rollout(agent_cfg: Any, kernels: Any, problem_of: Mapping[str, ProblemRow],
                   backend_factory: BackendFactory | None = None, runner_cfg: Any = None):
     """A GRPO ``Rollout`` (``training.grpo.Rollout``): (prompts, model, tokenizer) -> one
-    trajectory per prompt, in order.
+    trajectory per prompt, in order. Its ``live_policy`` attribute (``trainer_policy``) makes
+    ``training.grpo.make_rollout_func`` hand it the trainer's vLLM engine under ``use_vllm``.
 
     ``kernels``: a ``KernelPool`` (concurrent: ``run_many``, rollouts in flight = pool size,
     ``runner_cfg`` a ``RunnerConfig`` for batching) or one ``Executor`` (sequential, reset before
@@ -97,8 +131,10 @@ def agent_rollout(agent_cfg: Any, kernels: Any, problem_of: Mapping[str, Problem
         seed = agent_cfg.sampling.seed
         out = run_many([], backend, kernels, agent_cfg, runner, jobs=jobs, on_result=on_result,
                        seed_of=lambda _p, i: None if seed is None else seed + i)
-        return [failed_rollout(rows[i], prompts[i], errors[i]) if i in errors else t
-                for i, t in enumerate(out)]  # type: ignore[misc]
+        trajs = [failed_rollout(rows[i], prompts[i], errors[i]) if i in errors else t
+                 for i, t in enumerate(out)]  # type: ignore[misc]
+        mark_token_in(trajs, backend)
+        return trajs
 
     def sequential(prompts: list[list[dict]], model: Any, tokenizer: Any) -> list[Trajectory]:
         from tirforge.agent.graph import solve
@@ -115,9 +151,12 @@ def agent_rollout(agent_cfg: Any, kernels: Any, problem_of: Mapping[str, Problem
                 t.reference = str(ref)
                 t.verdict = str(grade(t.final_answer, str(ref), extract=False))
             out.append(t)
+        mark_token_in(out, backend)
         return out
 
-    return concurrent if isinstance(kernels, KernelPool) else sequential
+    rollout = concurrent if isinstance(kernels, KernelPool) else sequential
+    rollout.live_policy = trainer_policy  # type: ignore[attr-defined]
+    return rollout
 
 
 def grpo_agent_config(cfg: Any) -> Any:
