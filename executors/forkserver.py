@@ -136,15 +136,12 @@ class Server:
                     del self.ended[old]
             self.ended[pid] = st
 
-    def clean(self, wipe=True):
+    def kill_until_gone(self, targets):
+        """SIGKILL what `targets()` lists until it lists nothing (children fork while dying);
+        returns how many kills were sent. Bounded: 200 rounds, 2 ms apart."""
         killed = 0
         for _ in range(200):
-            pids = _descendants(os.getpid())
-            if self.cfg.get("pidns"):
-                try:
-                    os.kill(-1, signal.SIGKILL)
-                except OSError:
-                    pass
+            pids = targets()
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -155,6 +152,18 @@ class Server:
                 break
             killed += len(pids)
             time.sleep(0.002)
+        return killed
+
+    def clean(self, wipe=True):
+        def everything():
+            if self.cfg.get("pidns"):  # pid 1 of its own namespace: -1 reaches them all
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except OSError:
+                    pass
+            return _descendants(os.getpid())
+
+        killed = self.kill_until_gone(everything)
         self.kernels.clear()
         keep = [os.path.dirname(self.cfg["ctl"]), *self.cfg.get("wipe", [])]
         dirs = [*self.cfg.get("wipe", []), self.cfg.get("forks")] if wipe else []
@@ -167,22 +176,13 @@ class Server:
         """Kill one slot's kernel tree and every process no slot owns; others live on."""
         pid = self.kernels.pop(slot, None)
         owned = set(self.kernels.values())
-        killed = 0
-        for _ in range(200):
+        def unowned():
             roots = [pid] if pid is not None else []
             roots += [c for c in _children(os.getpid()) if c not in owned and c != pid]
             pids = [p for r in roots for p in (r, *_descendants(r, owned))]
-            pids = [p for p in pids if p not in owned and p not in self.ended]
-            for p in pids:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.reap()
-            if not pids:
-                break
-            killed += len(pids)
-            time.sleep(0.002)
+            return [p for p in pids if p not in owned and p not in self.ended]
+
+        killed = self.kill_until_gone(unowned)
         workdir = self.workdirs.pop(slot, None)
         if workdir:
             keep = [os.path.dirname(self.cfg["ctl"]), self.cfg.get("forks") or ""]
