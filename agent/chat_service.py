@@ -20,6 +20,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -255,6 +256,9 @@ class ChatService(SampleKernels):
         ``("chosen", (samples, index))``. A run ends with ``("cancelled", None)`` after Stop or
         ``("error", message)`` if it failed. With a strategy other than greedy and ``n`` > 1
         the question is sampled ``n`` times (at most ``max_samples``)."""
+        # Every run is checkpointed under a thread: a new one unless the caller names it
+        # (``session(key).thread_id`` says which, for ``replay_thread``).
+        thread_id = thread_id or uuid.uuid4().hex
         s = self.session(key)
         while not self._ready.wait(0.5):
             yield "loading", time.monotonic() - self._load_started

@@ -205,7 +205,8 @@ def solve(
 
     def on_search_step(i: int, kept: list[Trajectory]) -> None:
         console.log(f"step {i}: kept " + ", ".join(
-            f"{t.score:.2f}" + (f" [{t.final_answer}]" if t.stop_reason else "") for t in kept))
+            f"{t.score:.2f}" + (f" [{t.final_answer or 'no answer'}]" if t.stop_reason else "")
+            for t in kept))  # [answer]: a finished candidate
 
     status.start()
     try:

@@ -348,13 +348,14 @@ def select(
     dpo_out: Annotated[Path | None, typer.Option(
         help="Also write DPO pairs here (*.jsonl, *.parquet or a folder).")] = None,
     max_pairs: Annotated[int, typer.Option(help="DPO pairs per problem at most.")] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Keep correct, distinct trajectories (RFT) as an SFT dataset; optionally DPO pairs."""
     from tirforge.trajectories.export import save, to_dpo_dataset, to_sft_dataset
     from tirforge.trajectories.select import SelectConfig, dpo_pairs, select_distinct
 
-    dataset_out(out)
-    dataset_out(dpo_out, "--dpo-out")
+    dataset_out(out, overwrite=overwrite)
+    dataset_out(dpo_out, "--dpo-out", overwrite=overwrite)
     trajs = _read_stores(stores)
     kept, rep = select_distinct(trajs, SelectConfig(max_per_problem, min_score, dedup))
     table = Table(title="selection")
@@ -379,11 +380,12 @@ def export(
     out: Annotated[Path, typer.Option(help="*.jsonl, *.parquet or a dataset folder (a path "
                                       "with no suffix).")],
     verdict: Annotated[str | None, typer.Option(help="Only this verdict (e.g. correct).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
     """Every stored trajectory (once) as a dataset with `messages` and `messages_fenced`."""
     from tirforge.trajectories.export import save, to_sft_dataset
 
-    dataset_out(out)
+    dataset_out(out, overwrite=overwrite)
     trajs = [t for t in _read_stores(stores) if verdict is None or t.verdict == verdict]
     try:
         save(to_sft_dataset(trajs), out)

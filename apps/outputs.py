@@ -25,8 +25,10 @@ def jsonl_out(path: Path | None, option: str = "--out") -> Path | None:
     return path
 
 
-def dataset_out(path: Path | None, option: str = "--out") -> Path | None:
-    """``path`` when ``save`` can write there (``*.jsonl``, ``*.parquet``, a folder)."""
+def dataset_out(path: Path | None, option: str = "--out", overwrite: bool = False
+                ) -> Path | None:
+    """``path`` when ``save`` can write there (``*.jsonl``, ``*.parquet``, a folder) and it
+    holds nothing yet, or ``overwrite`` says to replace it."""
     from tirforge.trajectories.export import out_format
 
     if path is not None:
@@ -34,12 +36,15 @@ def dataset_out(path: Path | None, option: str = "--out") -> Path | None:
             out_format(path)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint=option) from None
+        if not overwrite and path.exists() and (path.is_file() or any(path.iterdir())):
+            raise typer.BadParameter(f"{path} exists; pass --overwrite to replace it",
+                                     param_hint=option)
     return path
 
 
 def folder_out(path: Path, option: str = "--out", what: str = "store folder") -> Path:
     """``path`` when it can be a folder (not an existing file, no file suffix)."""
     if (path.exists() and not path.is_dir()) or path.suffix.lower() in FILE_SUFFIXES:
-        raise typer.BadParameter(f"{path}: this is a {what}; give a folder path (no file "
+        raise typer.BadParameter(f"{path}: {option} is a {what}; give a folder path (no file "
                                  "suffix)", param_hint=option)
     return path

@@ -59,6 +59,8 @@ def _config(cls, config: Path | None, needs_data: bool = True, **overrides: Any)
                           style="dim")
         if needs_data and not cfg.train_file and not getattr(cfg, "mixture", None):
             raise ValueError("no data: pass --train-file or set `train_file` in the config")
+        if cfg.train_file and not Path(cfg.train_file).exists():  # before a model loads
+            raise ValueError(f"no training data at {cfg.train_file}")
         cfg.model = resolve_model(cfg.model, log=console.log)
         if getattr(cfg, "rm_path", None):
             cfg.rm_path = resolve_model(cfg.rm_path, log=console.log)
@@ -243,7 +245,8 @@ train_app = typer.Typer(
 
 
 def score_command(
-    file: Annotated[Path, typer.Argument(help="Trajectory JSONL to score.")],
+    file: Annotated[Path, typer.Argument(help="Trajectory JSONL, or a collect store folder "
+                                         "(then --out is needed).")],
     rm_path: Annotated[str, typer.Option("--rm", help="Reward model folder (train rm).")],
     out: Annotated[
         Path | None, typer.Option(help="Write here (*.jsonl) instead of rewriting FILE in place.")
@@ -253,12 +256,15 @@ def score_command(
     batch_size: Annotated[int, typer.Option(help="Trajectories per forward pass.")] = 8,
 ) -> None:
     """Add reward-model scores (the `score` field) to every trajectory in FILE."""
+    from tirforge.training.data import load_records, require_trajectories
     from tirforge.training.rm import RewardScorer
-    from tirforge.trajectories.schema import read_jsonl
 
     jsonl_out(out)
+    if file.is_dir() and out is None:
+        raise typer.BadParameter(f"{file} is a folder: give --out FILE.jsonl for the scored "
+                                 "trajectories", param_hint="--out")
     try:
-        trajs = read_jsonl(file)
+        trajs = require_trajectories(load_records(file), "score")
         scorer = RewardScorer(rm_path, style=style, batch_size=batch_size)
     except (ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")

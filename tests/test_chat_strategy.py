@@ -245,3 +245,18 @@ def test_loading_then_a_load_error_is_shown_not_raised(tmp_path):
     finally:
         release.set()
         server.close()
+
+
+def test_a_question_asked_without_a_thread_id_gets_one(server):
+    """Library use: ``ask`` with no ``thread_id`` runs (the checkpointer needs one) under a new
+    thread, which the session names and ``replay_thread`` reads back."""
+    server._backend.starts.clear()  # type: ignore[union-attr]
+    events = list(server.ask("no-thread", "Let the samples vote"))
+    assert not [e for e in events if e[0] in ("error", "failed")], events
+    s = server.sessions["no-thread"]
+    assert s.thread_id and s.trajectories[-1].final_answer == "7"
+    first = s.thread_id
+    assert server.replay_thread(first).final_answer == "7"
+    server._backend.starts.clear()  # type: ignore[union-attr]
+    list(server.ask("no-thread", "Let the samples vote"))
+    assert server.sessions["no-thread"].thread_id not in (None, first)  # a new thread per run

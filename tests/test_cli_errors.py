@@ -342,3 +342,54 @@ def test_kernel_pool_start_removes_only_dead_owners_temp_dirs(tmp_path, monkeypa
     finally:
         live.kill()
         live.wait()
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, store):
+    out = tmp_path / "sft.jsonl"
+    out.write_text('{"mine": 1}\n' * 4)
+    for cmd in (["select", str(store)], ["export", str(store)]):
+        res = invoke([*cmd, "--out", str(out)])
+        assert res.exit_code == 2 and "exists; pass --overwrite" in one_line(res.output)
+        assert out.read_text() == '{"mine": 1}\n' * 4
+    res = invoke(["export", str(store), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 2
+    # --dpo-out is an output too
+    res = invoke(["select", str(store), "--out", str(tmp_path / "new.jsonl"), "--dpo-out",
+                  str(out)])
+    assert res.exit_code == 2 and "--dpo-out" in one_line(res.output)
+
+
+@pytest.mark.parametrize("cmd", ["select", "export"])
+def test_a_dataset_is_never_written_into_a_store_or_run_folder(tmp_path, store, cmd):
+    """save_to_disk would mix Arrow files into the store's shards (even asked to overwrite)."""
+    before = sorted(p.name for p in store.iterdir())
+    res = invoke([cmd, str(store), "--out", str(store), "--overwrite"])
+    assert res.exit_code == 2 and "holding other files" in one_line(res.output), res.output
+    assert sorted(p.name for p in store.iterdir()) == before
+    # An empty folder, or a dataset written earlier (with --overwrite), is fine.
+    (tmp_path / "empty").mkdir()
+    assert invoke([cmd, str(store), "--out", str(tmp_path / "empty")]).exit_code == 0
+    res = invoke([cmd, str(store), "--out", str(tmp_path / "empty"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+
+
+def test_training_reads_a_store_folder_and_a_missing_file_fails_before_any_model(
+        tmp_path, store):
+    from tirforge.training.data import load_records
+
+    records = load_records(store)
+    assert sorted(t.verdict for t in records) == ["correct", "incorrect"]
+    with Store(store) as s:  # a second record of a stored key is read once
+        s.add(records[0])
+    assert len(load_records(store)) == 2
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="neither a collect store"):
+        load_records(tmp_path / "nothing")
+    for trainer in ("sft", "rm", "dpo", "value"):
+        res = invoke(["train", trainer, "--model", str(tmp_path / "no-model"),
+                      "--train-file", str(tmp_path / "missing.jsonl")])
+        assert res.exit_code == 2, res.output
+        assert f"no training data at {tmp_path / 'missing.jsonl'}" in one_line(res.output)
+    res = invoke(["score", str(store), "--rm", "rm"])  # a folder cannot be rewritten in place
+    assert res.exit_code == 2 and "give --out" in one_line(res.output)

@@ -41,6 +41,8 @@ def captured(monkeypatch, module: str) -> list:
 def test_options_override_the_yaml(monkeypatch, tmp_path, trainer, extra, check):
     seen = captured(monkeypatch, trainer)
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text("")  # the trainer is replaced: only its existence counts
     r = CliRunner().invoke(app, ["train", trainer, "-c", str(CONFIGS / f"{trainer}_cpu_tiny.yaml"),
                                  "--model", fake_model(tmp_path), "--train-file", "t.jsonl",
                                  "--output-dir", str(out), *extra])

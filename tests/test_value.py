@@ -294,6 +294,8 @@ def test_solve_and_eval_options(monkeypatch, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text("")  # the trainer is replaced: only its existence counts
     r = CliRunner().invoke(app, [
         "train", "value", "-c", str(CONFIGS / "value_cpu_tiny.yaml"), "--model", str(model),
         "--train-file", "t.jsonl", "--value-loss", "mse", "--conservative-weight", "0",

@@ -7,9 +7,13 @@ a YAML file holds any subset of the fields and command-line overrides win over i
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -51,7 +55,12 @@ def _fields_from(cls: type, data: Any, where: str, base: Any) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {where} fields: {unknown}; known: {sorted(fields)}")
+        named = [_near(k, fields) for k in unknown]
+        known = "" if all("did you mean" in n for n in named) else f"; known: {sorted(fields)}"
+        raise ValueError(f"unknown {where} fields: {', '.join(named)}{known}")
+    bad = [e for name, value in data.items() if (e := choice_error(cls, name, value, where))]
+    if bad:
+        raise ValueError("; ".join(bad))
     out = {}
     for name, value in data.items():
         proto = getattr(base, name) if base is not None else _default(fields[name])
@@ -61,6 +70,48 @@ def _fields_from(cls: type, data: Any, where: str, base: Any) -> dict[str, Any]:
             value = tuple(value)
         out[name] = value
     return out
+
+
+def _near(word: str, choices: Any) -> str:
+    """``word``, with `` (did you mean X?)`` when a choice is spelled close (``difflib``)."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"{word} (did you mean {near[0]}?)" if near else str(word)
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """Field name -> allowed values, for the fields of dataclass ``cls`` typed as a Literal of
+    strings (or an optional one)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            lits = [a for a in args if typing.get_origin(a) is typing.Literal]
+            hint, args = (lits[0], typing.get_args(lits[0])) if len(lits) == 1 else (hint, ())
+        if typing.get_origin(hint) is typing.Literal and all(isinstance(a, str) for a in args):
+            out[name] = args
+    return out
+
+
+def choice_error(cls: type, name: str, value: Any, where: str) -> str | None:
+    """The message for a value outside the closed set of field ``name`` of dataclass ``cls``
+    (a ``Literal`` of strings), None when it is allowed, unset (None: left to the config's own
+    checks) or the field is not such a set."""
+    allowed = _choices(cls).get(name)
+    if allowed is None or value in allowed or value is None:
+        return None
+    return (f"{where}.{name} must be one of {', '.join(allowed)}, not "
+            f"{_near(value, allowed) if isinstance(value, str) else repr(value)}")
+
+
+def check_choices(obj: Any) -> None:
+    """ValueError naming every field of dataclass ``obj`` whose value is outside its
+    ``Literal`` choices (for configs built in code; YAML is checked while it is read)."""
+    cls = type(obj)
+    bad = [e for f in dataclasses.fields(obj)
+           if (e := choice_error(cls, f.name, getattr(obj, f.name), cls.__name__))]
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -106,7 +157,7 @@ class TrainConfig:
     """Trajectory JSONL (one Trajectory per line) or a saved HF dataset folder."""
     output_dir: str = "runs/train"
     """Checkpoints, the final model and TensorBoard logs go here."""
-    style: str = "fenced"
+    style: Literal["fenced", "tool"] = "fenced"
     """Chat layout of a trajectory: ``fenced`` (Qwen TIR, one assistant turn) or ``tool``."""
     chat_template: str | None = None
     """Path to a Jinja chat template replacing the tokenizer's (None: keep the tokenizer's)."""
@@ -153,6 +204,9 @@ class TrainConfig:
     """Dropout on the LoRA branch."""
     lora_target_modules: str | list[str] = "all-linear"
     """Modules that get adapters."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path | None, **overrides: Any) -> C:

@@ -19,10 +19,22 @@ Record = Trajectory | list[dict]
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """Trajectories from a JSONL file, or ``messages`` rows from a JSONL file / saved HF dataset."""
+    """Trajectories from a JSONL file or a ``collect`` store folder (its ``shard-*.jsonl``,
+    each trajectory once), or ``messages`` rows from a JSONL file / saved HF dataset folder.
+
+    Raises FileNotFoundError for a missing path, ValueError for an empty file or folder, or
+    rows of neither kind."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no training data at {path}")
+    if path.is_dir() and not (path / "dataset_info.json").exists():
+        from tirforge.trajectories.store import Store
+
+        store = Store(path)
+        if not store.shards():
+            raise ValueError(f"{path}: neither a collect store (shard-*.jsonl) nor a saved "
+                             "dataset folder (dataset_info.json)")
+        return list(store.read())
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -79,7 +91,9 @@ def preference_pairs(
 def require_trajectories(records: list[Record], what: str) -> list[Trajectory]:
     trajs = [r for r in records if isinstance(r, Trajectory)]
     if len(trajs) != len(records):
-        raise ValueError(f"{what} needs graded Trajectory records (verdict), not plain messages")
+        raise ValueError(f"{what} needs graded Trajectory records (verdict), not plain messages "
+                         "(an `export`/`select` dataset): pass the collect store folder or a "
+                         "JSONL of its trajectories")
     return trajs
 
 

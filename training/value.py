@@ -110,6 +110,7 @@ class ValueTrainConfig(TrainConfig):
     _peft_task = "SEQ_CLS"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.style != "fenced":
             raise ValueError("the value model reads the fenced layout (style: fenced)")
         if self.value_loss == "none" and self.conservative_weight <= 0 \

@@ -72,11 +72,17 @@ OUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", "": "folder"}
 
 def out_format(out: str | Path) -> str:
     """What ``save`` writes at ``out``: ``jsonl`` (one JSON row a line), ``parquet`` (one file)
-    or ``folder`` (``save_to_disk``; a path with no suffix, or an existing folder). Raises
-    ValueError for any other suffix (say ``x.json`` or ``x.csv``), naming the ones accepted, so
-    a command can refuse before it reads anything."""
+    or ``folder`` (``save_to_disk``; a path with no suffix, or an empty folder or a saved
+    dataset). Raises ValueError for any other suffix (say ``x.json`` or ``x.csv``), naming the
+    ones accepted, and for a folder holding other files (a store), so a command can refuse
+    before it reads anything."""
     out = Path(out)
     if out.is_dir():
+        # save_to_disk replaces a saved dataset, and would mix its files into any other
+        # folder (a store's shards, a run folder): only an empty one or a dataset is taken.
+        if any(out.iterdir()) and not (out / "dataset_info.json").exists():
+            raise ValueError(f"{out} is a folder holding other files (a store or run folder?); "
+                             "write the dataset to a new folder, *.jsonl or *.parquet")
         return "folder"
     kind = OUT_FORMATS.get(out.suffix.lower())
     if kind is None:
