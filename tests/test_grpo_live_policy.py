@@ -66,7 +66,7 @@ def test_vllm_config_keys():
                                      vllm_server_base_url="http://h:8000"))
     assert kw["use_vllm"] and kw["vllm_mode"] == "server"
     assert kw["vllm_server_base_url"] == "http://h:8000"
-    with pytest.raises(ValueError, match="colocate or server"):
+    with pytest.raises(ValueError, match="vllm_mode must be one of colocate, server"):
         vllm_kwargs(GRPOTrainConfig(use_vllm=True, vllm_mode="remote"))  # type: ignore[arg-type]
 
 
