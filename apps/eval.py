@@ -175,7 +175,8 @@ def _run_all(names: list[str], cfg: EvalConfig, backend: Any, pool: Any,
         except StoreLocked as e:
             console.print(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(2) from None
-        console.log(f"{bench}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[bench].items()))
+        console.log(f"{bench}: " + ", ".join(
+            f"{k} {int(v)}" if k == "problems" else f"{k} {v:.1f}" for k, v in rows[bench].items()))
     return rows
 
 
