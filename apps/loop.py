@@ -48,7 +48,9 @@ def loop_command(
     concurrency: Annotated[int | None, typer.Option(help="Trajectories in flight.")] = None,
 ) -> None:
     """Self-improvement: per round eval → collect K → (train RM_r) → select distinct correct
-    (RM-guided) → SFT, then optional GRPO with the last RM; resumable."""
+    (RM-guided) → SFT, then optional GRPO with the last RM. Re-run the same command to resume:
+    finished stages are kept. Benchmarks are read from $TIRFORGE_DATA, ../shared/data or the
+    local cache (the Hub only with `allow_network: true` in the config)."""
     from tirforge.agent.pipelines.loop import run_loop
     from tirforge.agent.pipelines.loop_config import LoopConfig
 
