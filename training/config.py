@@ -55,7 +55,7 @@ def _fields_from(cls: type, data: Any, where: str, base: Any) -> dict[str, Any]:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        named = [_near(k, fields) for k in unknown]
+        named = [near_spelling(k, fields) for k in unknown]
         known = "" if all("did you mean" in n for n in named) else f"; known: {sorted(fields)}"
         raise ValueError(f"unknown {where} fields: {', '.join(named)}{known}")
     bad = [e for name, value in data.items() if (e := choice_error(cls, name, value, where))]
@@ -72,10 +72,11 @@ def _fields_from(cls: type, data: Any, where: str, base: Any) -> dict[str, Any]:
     return out
 
 
-def _near(word: str, choices: Any) -> str:
-    """``word``, with `` (did you mean X?)`` when a choice is spelled close (``difflib``)."""
+def near_spelling(word: Any, choices: Any, prefix: str = "") -> str:
+    """``prefix + word``, with `` (did you mean <prefix>X?)`` when a choice is spelled close
+    (``difflib``): the one rule for naming a typo in any config."""
     near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"{word} (did you mean {near[0]}?)" if near else str(word)
+    return f"{prefix}{word}" + (f" (did you mean {prefix}{near[0]}?)" if near else "")
 
 
 @functools.cache
@@ -101,7 +102,7 @@ def choice_error(cls: type, name: str, value: Any, where: str) -> str | None:
     if allowed is None or value in allowed or value is None:
         return None
     return (f"{where}.{name} must be one of {', '.join(allowed)}, not "
-            f"{_near(value, allowed) if isinstance(value, str) else repr(value)}")
+            f"{near_spelling(value, allowed) if isinstance(value, str) else repr(value)}")
 
 
 def check_choices(obj: Any) -> None:

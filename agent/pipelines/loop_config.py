@@ -11,7 +11,6 @@ read (they are mapped).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ from tirforge.agent.backends.base import SamplingParams
 from tirforge.agent.graph import AgentConfig
 from tirforge.agent.pipelines.loop_sections import InferSection, RLSection, RMSection
 from tirforge.executors.config import ExecutorConfig
-from tirforge.training.config import build, flatten, load_yaml, to_plain
+from tirforge.training.config import build, flatten, load_yaml, near_spelling, to_plain
 from tirforge.training.sft import SFTTrainConfig
 
 
@@ -279,8 +278,7 @@ def unknown_keys(cls: type, data: Any, where: str = "") -> list[str]:
     for key, value in data.items():
         path = f"{where}{key}"
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            out.append(path + (f" (did you mean {where}{near[0]}?)" if near else ""))
+            out.append(near_spelling(key, fields, where))
             continue
         f = fields[key]
         proto = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
